@@ -35,4 +35,15 @@ def prepare(params: Params, out_dir: Path) -> Prepared:
     return prepared
 
 
+def run_stage(params: Params) -> Prepared:
+    """The `prepare` stage."""
+    from ltpipe import paths
+
+    prepared = prepare(params, paths.PREPARED_DIR)
+    print(f"prepared {prepared.name}: {prepared.num_classes} classes, "
+          f"{prepared.manifest['split'].value_counts().to_dict()} images, "
+          f"groups {prepared.classes['group'].value_counts().to_dict()}")
+    return prepared
+
+
 __all__ = ["DATASETS", "Prepared", "build", "load", "prepare", "save", "dataset_name"]

@@ -1,0 +1,1 @@
+"""CLIP feature extraction, the HDF5 feature cache and model weights."""

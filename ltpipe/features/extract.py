@@ -11,6 +11,7 @@ projection) and the token grid, read by a forward hook:
   pooling, flattened to ``[H*W, C]``; ``token_layer`` does not apply.
 """
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ltpipe
+from ltpipe import paths
+from ltpipe.config import Params
+from ltpipe.data import manifest
 from ltpipe.data.manifest import Prepared
 from ltpipe.errors import ConfigError, DataError
 from ltpipe.features import models, store
-from ltpipe.runtime import autocast, data_loader_kwargs
+from ltpipe.runtime import autocast, data_loader_kwargs, resolve_device, resolve_precision
 
 TOKEN_LAYERS = ("pre_ln", "post_ln")
 TEMPLATE_SETS = ("single", "imagenet80")
@@ -200,4 +204,32 @@ def run(prepared: Prepared, weights: models.ResolvedWeights, options: ExtractOpt
                                       options, device, precision, base_attrs)
     extract_text(model, tokenizer, prepared.classes["prompt"].tolist(), options.templates,
                  out_dir / "text.h5", device, precision, base_attrs)
+    return report
+
+
+def options_from_params(params: Params) -> ExtractOptions:
+    section = params.sub("extract")
+    options = ExtractOptions(
+        batch_size=section.int("batch_size", minimum=1),
+        workers=section.int("workers", minimum=0),
+        tokens=section.bool("tokens"),
+        token_layer=section.str("token_layer", choices=TOKEN_LAYERS),
+        templates=section.str("templates", choices=TEMPLATE_SETS),
+        dtype=section.str("dtype", choices=tuple(store.DTYPES)),
+    )
+    options.validate()
+    return options
+
+
+def run_stage(params: Params) -> Dict:
+    """The `extract` stage: image features of every split and class-name text embeddings."""
+    options = options_from_params(params)
+    device = resolve_device(params.str("model.device"))
+    precision = resolve_precision(params.str("model.precision"), device)
+    weights = models.ResolvedWeights.load(paths.WEIGHTS_JSON)
+    prepared = manifest.load(paths.PREPARED_DIR)
+    report = run(prepared, weights, options, paths.FEATURES_DIR, device, precision)
+    (paths.FEATURES_DIR / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    for split, row in report.items():
+        print(f"extract {split}: {row['images']} images in {row['seconds']:.1f}s ({row['images_per_second']} img/s)")
     return report

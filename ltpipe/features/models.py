@@ -27,6 +27,8 @@ from typing import Optional
 import open_clip
 import torch
 
+from ltpipe import paths
+from ltpipe.config import Params
 from ltpipe.errors import ConfigError, WeightsError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -206,3 +208,15 @@ def load(weights: ResolvedWeights, device: torch.device):
         raise WeightsError(f"cannot load {checkpoint} into {weights.arch}: {exc}") from exc
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(weights.arch)
+
+
+def run_stage(params: Params) -> ResolvedWeights:
+    """The `weights` stage: resolve `model.arch` / `model.pretrained` to a checkpoint file."""
+    model = params.sub("model")
+    arch = check_arch(model.str("arch"))
+    pretrained = model.optional_str("pretrained")
+    seed = model.int("init_seed", minimum=0)
+    resolved = resolve(arch, pretrained, paths.WEIGHTS_DIR, seed)
+    resolved.save(paths.WEIGHTS_JSON)
+    print(f"weights: {arch} / {pretrained or f'seeded random init ({seed})'} -> {resolved.checkpoint}")
+    return resolved

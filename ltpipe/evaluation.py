@@ -1,0 +1,87 @@
+"""The `zeroshot` and `evaluate` stages: test-split predictions to metrics JSON.
+
+Both write one schema (``ltpipe.metrics``) plus the run's identity (dataset,
+head, loss, sampler, stage-2 method, seed and the feature cache it read), so
+`dvc metrics diff` compares any two runs, zero-shot included.
+"""
+
+import json
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+
+from ltpipe import metrics, paths
+from ltpipe.config import Params
+from ltpipe.data import manifest
+from ltpipe.errors import ConfigError, DataError
+from ltpipe.features.store import SplitFeatures, TextFeatures
+from ltpipe.heads import load_checkpoint
+from ltpipe.inference import FeatureInput, predict
+from ltpipe.runtime import resolve_device
+
+TASKS = ("auto", "single", "multi")
+ZEROSHOT_RUN = {"head": "zeroshot", "loss": "none", "sampler": "none", "stage2": "none", "seed": None}
+
+
+def check_task(params: Params, prepared: manifest.Prepared) -> bool:
+    """Validate `task` against the dataset; return whether the task is multi-label."""
+    task = params.str("task", choices=TASKS)
+    if task != "auto" and (task == "multi") != prepared.multilabel:
+        raise ConfigError(f"`task` is {task!r} but dataset {prepared.name!r} is {prepared.task}-label. "
+                          "Set `task: auto`.")
+    return prepared.multilabel
+
+
+def check_features(features: SplitFeatures, prepared: manifest.Prepared) -> None:
+    cached = int(features.attrs.get("num_classes", -1))
+    if cached != prepared.num_classes or str(features.attrs.get("dataset")) != prepared.name:
+        raise DataError(
+            f"{features.path} holds features of {features.attrs.get('dataset')!r} with {cached} classes, but the "
+            f"prepared dataset is {prepared.name!r} with {prepared.num_classes}. Re-run `dvc repro extract`.")
+
+
+def run_fields(run: Dict, prepared: manifest.Prepared, features: SplitFeatures) -> Dict:
+    attrs = features.attrs
+    return dict(
+        dataset=prepared.name, task=prepared.task, **run,
+        features={"arch": str(attrs.get("arch")), "pretrained": str(attrs.get("pretrained")),
+                  "weights_sha256": str(attrs.get("weights_sha256"))},
+    )
+
+
+def write_metrics(logits: np.ndarray, labels: np.ndarray, prepared: manifest.Prepared, fields: Dict,
+                  name: str) -> Dict:
+    result, table = metrics.evaluate(logits, labels, prepared.classes, prepared.multilabel)
+    payload = dict(fields, **result)
+    paths.METRICS_DIR.mkdir(parents=True, exist_ok=True)
+    Path(paths.METRICS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    table.to_csv(paths.METRICS_DIR / f"{name}_per_class.csv", index=False)
+    return payload
+
+
+def zeroshot_logits(pooled: np.ndarray, text: TextFeatures) -> np.ndarray:
+    """CLIP's zero-shot classifier: ``logit_scale * cos(image, class text)``."""
+    image = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    return text.logit_scale * image @ text.embeddings.T
+
+
+def run_zeroshot(params: Params) -> Dict:
+    prepared = manifest.load(paths.PREPARED_DIR)
+    check_task(params, prepared)
+    test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
+    check_features(test, prepared)
+    logits = zeroshot_logits(test.pooled, TextFeatures(paths.FEATURES_DIR / "text.h5"))
+    return write_metrics(logits, test.labels, prepared, run_fields(ZEROSHOT_RUN, prepared, test), "zeroshot")
+
+
+def run_evaluate(params: Params) -> Dict:
+    prepared = manifest.load(paths.PREPARED_DIR)
+    check_task(params, prepared)
+    device = resolve_device(params.str("model.device"))
+    head, run = load_checkpoint(paths.HEAD_CHECKPOINT)
+    head.to(device)
+    test = SplitFeatures(paths.FEATURES_DIR / "test.h5", load_tokens=head.input == "tokens")
+    check_features(test, prepared)
+    logits = predict(head, FeatureInput(test, head.input, device))
+    return write_metrics(logits, test.labels, prepared, run_fields(run, prepared, test), "eval")

@@ -1,0 +1,69 @@
+"""The lightweight transformer decoder of Imbalance-VLM (Wang et al., IJCV 2023).
+
+Architecture as in the official code (``imblearn/nets/clip/clip.py``): ``depth``
+pre-norm ViT blocks (timm ``Block``: ``x + MHSA(LN(x))``, ``x + MLP(LN(x))``, MLP
+``Linear(d, d*r) -> GELU -> Linear(d*r, d)``, qkv bias, no dropout, LayerNorm eps
+1e-5) over all cached tokens (CLS + patches), read out at the CLS token, then a
+linear classifier. Defaults follow the paper's runs: depth 3, 4 heads, MLP ratio
+0.5, no final LayerNorm. Depth 0 is a linear probe on the CLS token.
+
+Deviation: ``final_norm: true`` adds a LayerNorm before the classifier (the
+official code has none); off by default.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ltpipe.config import Params
+from ltpipe.errors import ConfigError
+from ltpipe.heads import HEADS, HeadContext
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn = nn.MultiheadAttention(dim, heads, bias=True, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        hidden = max(1, int(dim * mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+@HEADS.register("decoder")
+class DecoderHead(nn.Module):
+    input = "tokens"
+
+    def __init__(self, dim: int, num_classes: int, depth: int = 3, heads: int = 4, mlp_ratio: float = 0.5,
+                 final_norm: bool = False):
+        super().__init__()
+        if depth > 0 and dim % heads:
+            raise ConfigError(f"`heads.decoder.heads` ({heads}) must divide the token width {dim}.")
+        self.kwargs = {"dim": dim, "num_classes": num_classes, "depth": depth, "heads": heads,
+                       "mlp_ratio": mlp_ratio, "final_norm": final_norm}
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-5) if final_norm else nn.Identity()
+        self.classifier = nn.Linear(dim, num_classes)
+
+    @classmethod
+    def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "DecoderHead":
+        if ctx.token_shape is None:
+            raise ConfigError("head `decoder` reads token grids, but the feature cache has none. "
+                              "Set `extract.tokens: true` and re-run `dvc repro`.")
+        if section is None:
+            return cls(ctx.token_shape[-1], ctx.num_classes)
+        return cls(ctx.token_shape[-1], ctx.num_classes,
+                   depth=section.int("depth", minimum=0, default=3),
+                   heads=section.int("heads", minimum=1, default=4),
+                   mlp_ratio=section.float("mlp_ratio", minimum=0, exclusive_minimum=True, default=0.5),
+                   final_norm=section.bool("final_norm", default=False))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(tokens)
+        return self.classifier(self.norm(x[:, 0]))

@@ -1,0 +1,121 @@
+"""Evaluation metrics: one schema per task, so `dvc metrics diff` compares any two runs.
+
+Single-label: top1, top5, balanced_acc, many/medium/few (means of per-class
+accuracy within each training-count group), macro_f1, nll, ece (15 equal-width
+confidence bins, Guo et al. 2017). Multi-label: mAP (mean of per-class average
+precision, scikit-learn's tie-correct definition; classes with no test positive
+are left out), head/medium/tail mAP, CF1 and OF1 at a threshold on the sigmoid
+(the per-class and overall F1 of ML-GCN, Chen et al. 2019).
+"""
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+from scipy.special import log_softmax
+from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score
+
+
+def _mean_or_none(values: np.ndarray) -> Optional[float]:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def per_class_accuracy(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Recall of each class; NaN for a class absent from ``labels``."""
+    acc = np.full(num_classes, np.nan)
+    for c in np.unique(labels):
+        mask = labels == c
+        acc[c] = float((pred[mask] == c).mean())
+    return acc
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def single_label(logits: np.ndarray, labels: np.ndarray, groups: Sequence[str]) -> Tuple[Dict, np.ndarray]:
+    """Metrics and per-class accuracy from logits ``[N, C]`` and labels ``[N]``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    num_classes = logits.shape[1]
+    pred = logits.argmax(axis=1)
+    k = min(5, num_classes)
+    topk = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    log_probs = log_softmax(logits, axis=1)
+    per_class = per_class_accuracy(labels, pred, num_classes)
+    groups = np.asarray(groups)
+    result = {
+        "top1": float((pred == labels).mean()),
+        "top5": float((topk == labels[:, None]).any(axis=1).mean()),
+        "balanced_acc": float(balanced_accuracy_score(labels, pred)),
+    }
+    for group in ("many", "medium", "few"):
+        result[group] = _mean_or_none(per_class[groups == group])
+    result["macro_f1"] = float(f1_score(labels, pred, average="macro", labels=np.unique(labels), zero_division=0))
+    result["nll"] = float(-log_probs[np.arange(len(labels)), labels].mean())
+    result["ece"] = expected_calibration_error(np.exp(log_probs), labels)
+    return result, per_class
+
+
+def per_class_ap(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    ap = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        if targets[:, c].any():
+            ap[c] = average_precision_score(targets[:, c], scores[:, c])
+    return ap
+
+
+def multi_label(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str],
+                threshold: float = 0.5) -> Tuple[Dict, np.ndarray]:
+    """Metrics and per-class AP from logits ``[N, C]`` and multi-hot targets ``[N, C]``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    targets = np.asarray(targets).astype(bool)
+    ap = per_class_ap(logits, targets)
+    groups = np.asarray(groups)
+    result = {"mAP": _mean_or_none(ap)}
+    for group in ("head", "medium", "tail"):
+        result[group] = _mean_or_none(ap[groups == group])
+    pred = 1.0 / (1.0 + np.exp(-logits)) >= threshold
+    tp = (pred & targets).sum(axis=0).astype(np.float64)
+    fp = (pred & ~targets).sum(axis=0).astype(np.float64)
+    fn = (~pred & targets).sum(axis=0).astype(np.float64)
+    cp = np.mean(np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0))
+    cr = np.mean(np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0))
+    op = tp.sum() / max(tp.sum() + fp.sum(), 1.0)
+    orr = tp.sum() / max(tp.sum() + fn.sum(), 1.0)
+    result["CF1"] = float(2 * cp * cr / (cp + cr)) if cp + cr > 0 else 0.0
+    result["OF1"] = float(2 * op * orr / (op + orr)) if op + orr > 0 else 0.0
+    return result, ap
+
+
+def evaluate(logits: np.ndarray, labels: np.ndarray, classes: pd.DataFrame, multilabel: bool):
+    """Metrics dict and a per-class table (for `dvc plots`)."""
+    groups = classes["group"].to_numpy()
+    if multilabel:
+        result, per_class = multi_label(logits, labels, groups)
+        column = "ap"
+        test_count = np.asarray(labels).sum(axis=0)
+    else:
+        result, per_class = single_label(logits, labels, groups)
+        column = "accuracy"
+        test_count = np.bincount(labels, minlength=len(classes))
+    table = pd.DataFrame({
+        "index": classes["index"], "name": classes["name"], "train_count": classes["train_count"],
+        "test_count": test_count, "group": classes["group"], column: per_class,
+    })
+    return result, table
+
+
+def selection_score(logits: np.ndarray, labels: np.ndarray, multilabel: bool) -> float:
+    """Model-selection score on the validation split: balanced accuracy or mAP."""
+    if multilabel:
+        return float(np.nanmean(per_class_ap(logits, np.asarray(labels).astype(bool))))
+    return float(balanced_accuracy_score(labels, np.asarray(logits).argmax(axis=1)))

@@ -1,0 +1,13 @@
+"""Where the pipeline's stages read and write, relative to the repository root."""
+
+from pathlib import Path
+
+DATA = Path("data")
+WEIGHTS_DIR = DATA / "weights"
+WEIGHTS_JSON = WEIGHTS_DIR / "weights.json"
+PREPARED_DIR = DATA / "prepared"
+FEATURES_DIR = DATA / "features"
+MODELS_DIR = DATA / "models"
+HEAD_CHECKPOINT = MODELS_DIR / "head.pt"
+METRICS_DIR = Path("metrics")
+TRAIN_LOG_DIR = METRICS_DIR / "train"

@@ -1,0 +1,176 @@
+"""One training loop for every head, loss and sampler on cached features.
+
+Methods differ by the pieces plugged in (head, loss, sampler), never by copies of
+this loop. The model kept is the one with the best validation score (balanced
+accuracy, or mAP for multi-label); the test split is never looked at here.
+"""
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ltpipe import heads, losses, metrics, paths
+from ltpipe.config import Params
+from ltpipe.data import manifest
+from ltpipe.evaluation import check_features, check_task
+from ltpipe.features.store import SplitFeatures, TextFeatures
+from ltpipe.inference import FeatureInput, predict
+from ltpipe.runtime import resolve_device, seed_everything
+from ltpipe.samplers import SAMPLERS, class_members
+
+OPTIMIZERS = ("adamw", "sgd")
+STAGE2_METHODS = ("none",)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 256
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    momentum: float = 0.9
+
+    @classmethod
+    def from_params(cls, section: Params) -> "TrainConfig":
+        return cls(
+            epochs=section.int("epochs", minimum=1),
+            batch_size=section.int("batch_size", minimum=1),
+            optimizer=section.str("optimizer", choices=OPTIMIZERS),
+            lr=section.float("lr", minimum=0, exclusive_minimum=True),
+            weight_decay=section.float("weight_decay", minimum=0),
+            warmup_epochs=section.float("warmup_epochs", minimum=0),
+            momentum=section.float("momentum", minimum=0, maximum=1, default=0.9),
+        )
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """Weight decay on weight matrices only: biases, norms and scales are exempt."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """Linear warm-up, then cosine decay to zero (per step)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    best_state: Dict[str, torch.Tensor]
+    best_epoch: int
+    best_score: float
+    history: List[Dict] = field(default_factory=list)
+
+
+def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput, val_data: FeatureInput,
+          val_labels: np.ndarray, cfg: TrainConfig, seed: int, multilabel: bool, num_classes: int,
+          device: torch.device, logger=None) -> TrainResult:
+    head.to(device)
+    loss_fn.to(device)
+    labels = train_data.features.labels
+    members = class_members(labels, num_classes)
+    target = torch.from_numpy(labels.astype(np.float32) if multilabel else labels.astype(np.int64))
+    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    optimizer = make_optimizer(head, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)))
+    best: Optional[TrainResult] = None
+    history = []
+    for epoch in range(cfg.epochs):
+        head.train()
+        order = sampler(members, len(train_data), seed, epoch)
+        total, seen = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            index = order[start:start + cfg.batch_size]
+            logits = head(train_data.batch(index))
+            loss = loss_fn(logits, target[torch.from_numpy(index)].to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} at epoch {epoch}; lower `train.lr` or check the features.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(index)
+            seen += len(index)
+        score = metrics.selection_score(predict(head, val_data), val_labels, multilabel)
+        row = {"epoch": epoch, "train_loss": total / seen, "val_score": score,
+               "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        if logger is not None:
+            logger(row)
+        if best is None or score > best.best_score:
+            best = TrainResult(copy.deepcopy(head.state_dict()), epoch, score)
+    best.history = history
+    head.load_state_dict(best.best_state)
+    return best
+
+
+def _optional_section(params: Params, key: str) -> Optional[Params]:
+    return params.sub(key) if isinstance(params.raw(key, None), dict) else None
+
+
+def run_stage(params: Params, logger=None) -> Dict:
+    """The `train` stage: fit the head named by `head` with `loss` and `sampler`."""
+    # Every choice is validated before any feature is loaded.
+    prepared = manifest.load(paths.PREPARED_DIR)
+    multilabel = check_task(params, prepared)
+    task = "multi" if multilabel else "single"
+    head_name = params.str("head")
+    head_cls = heads.HEADS.get(head_name)
+    loss_name = params.str("loss")
+    losses.check(loss_name, task)
+    sampler_name = params.str("sampler")
+    sampler = SAMPLERS.get(sampler_name)
+    stage2 = params.str("stage2", choices=STAGE2_METHODS)
+    cfg = TrainConfig.from_params(params.sub("train"))
+    seed = params.int("seed", minimum=0)
+    device = resolve_device(params.str("model.device"))
+
+    seed_everything(seed)
+    load_tokens = head_cls.input == "tokens"
+    train_feats = SplitFeatures(paths.FEATURES_DIR / "train.h5", load_tokens=load_tokens)
+    val_feats = SplitFeatures(paths.FEATURES_DIR / "val.h5", load_tokens=load_tokens)
+    check_features(train_feats, prepared)
+    text = TextFeatures(paths.FEATURES_DIR / "text.h5")
+    ctx = heads.HeadContext(prepared.num_classes, train_feats.pooled.shape[1], train_feats.token_shape,
+                            text.embeddings, text.logit_scale)
+    head = heads.build(head_name, _optional_section(params, f"heads.{head_name}"), ctx)
+    loss_fn = losses.build(loss_name, task, _optional_section(params, f"losses.{loss_name}"),
+                           prepared.classes["train_count"].to_numpy())
+    started = time.perf_counter()
+    result = train(head, loss_fn, sampler, FeatureInput(train_feats, head.input, device),
+                   FeatureInput(val_feats, head.input, device), val_feats.labels, cfg, seed, multilabel,
+                   prepared.num_classes, device, logger)
+    seconds = time.perf_counter() - started
+    run = {"head": head_name, "loss": loss_name, "sampler": sampler_name, "stage2": stage2, "seed": seed}
+    heads.save_checkpoint(paths.HEAD_CHECKPOINT, head, head_name, run,
+                          best_epoch=result.best_epoch, val_score=result.best_score)
+    print(f"trained {head_name} with {loss_name}: best validation score {result.best_score:.4f} "
+          f"at epoch {result.best_epoch} ({seconds:.1f}s)")
+    return {"best_epoch": result.best_epoch, "val_score": result.best_score, "seconds": round(seconds, 2)}

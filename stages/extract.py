@@ -1,0 +1,14 @@
+"""DVC stage `extract`: parses params.yaml and calls `ltpipe.features.extract.run_stage`."""
+
+from ltpipe.features.extract import run_stage
+from ltpipe.config import Params
+from ltpipe.errors import main_guard
+
+
+@main_guard
+def main() -> None:
+    run_stage(Params.load())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""DVC stage `train`: see ltpipe.training.run_stage; per-epoch logs go to dvclive."""
+
+from dvclive import Live
+
+from ltpipe.config import Params
+from ltpipe.errors import main_guard
+from ltpipe.paths import TRAIN_LOG_DIR
+from ltpipe.training import run_stage
+
+
+@main_guard
+def main() -> None:
+    params = Params.load()
+    # dvcyaml=None: the pipeline's dvc.yaml declares the plots; dvclive must not edit it mid-stage.
+    with Live(dir=str(TRAIN_LOG_DIR), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        def log(row):
+            live.log_metric("train/loss", row["train_loss"])
+            live.log_metric("val/score", row["val_score"])
+            live.log_metric("lr", row["lr"])
+            live.next_step()
+
+        summary = run_stage(params, logger=log)
+        live.summary.update({"best_epoch": summary["best_epoch"], "best_val_score": summary["val_score"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+import hashlib
+import time
+
+import h5py
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from ltpipe.errors import ConfigError, DataError, WeightsError
+from ltpipe.features import extract, models
+from ltpipe.features.store import SplitFeatures, TextFeatures
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tiny_config_is_registered_with_open_clip():
+    models.register_project_configs()
+    assert "ltpipe-tiny" in open_clip.list_models()
+
+
+def test_unknown_arch_lists_valid_names():
+    with pytest.raises(ConfigError, match=r"unknown model architecture 'ViT-Q-99'.*ltpipe-tiny.*ViT-B-16"):
+        models.check_arch("ViT-Q-99")
+
+
+def test_seeded_checkpoint_is_reproducible(tmp_path, tiny_weights):
+    again = models.resolve("ltpipe-tiny", None, tmp_path, init_seed=0)
+    other = models.resolve("ltpipe-tiny", None, tmp_path / "other", init_seed=1)
+    assert again.sha256 == tiny_weights.sha256
+    assert other.sha256 != tiny_weights.sha256
+
+
+def test_local_checkpoint_path_loads_the_same_model(tmp_path, tiny_weights):
+    local = models.resolve("ltpipe-tiny", tiny_weights.checkpoint, tmp_path)
+    assert local.sha256 == tiny_weights.sha256
+    a, _, _ = models.load(tiny_weights, torch.device("cpu"))
+    b, _, _ = models.load(local, torch.device("cpu"))
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+
+
+def test_missing_checkpoint_path(tmp_path):
+    with pytest.raises(WeightsError, match=r"checkpoint file '/no/such/file.pt'.*does not exist"):
+        models.resolve("ltpipe-tiny", "/no/such/file.pt", tmp_path)
+
+
+def test_unknown_tag_lists_tags(tmp_path):
+    with pytest.raises(ConfigError, match=r"'opnai' is neither an open_clip pretrained tag for ViT-B-16.*openai"):
+        models.resolve("ViT-B-16", "opnai", tmp_path)
+
+
+def test_offline_tag_fails_fast_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
+    started = time.monotonic()
+    with pytest.raises(WeightsError, match=r"ViT-B-16/openai are not in the local cache.*model.pretrained"):
+        models.resolve("ViT-B-16", "openai", tmp_path)
+    assert time.monotonic() - started < 10
+
+
+def test_changed_checkpoint_is_detected(tmp_path, tiny_weights):
+    copy = tmp_path / "w.pt"
+    copy.write_bytes(open(tiny_weights.checkpoint, "rb").read())
+    resolved = models.resolve("ltpipe-tiny", str(copy), tmp_path)
+    copy.write_bytes(copy.read_bytes() + b"\0")
+    with pytest.raises(WeightsError, match="changed since the weights stage"):
+        models.load(resolved, torch.device("cpu"))
+
+
+def test_cache_layout_and_attributes(tiny_features, tiny_prepared, tiny_weights):
+    with h5py.File(tiny_features / "train.h5", "r") as fh:
+        n = len(tiny_prepared.split("train"))
+        assert fh["pooled"].shape == (n, 128)
+        assert fh["tokens"].shape == (n, 1 + (64 // 8) ** 2, 192)  # model input 64 px: CLS + 8x8 patches
+        assert fh["pooled"].dtype == np.float16
+        assert fh["pooled"].chunks is None and fh["pooled"].compression is None  # contiguous
+        assert fh.attrs["weights_sha256"] == tiny_weights.sha256
+        assert fh.attrs["token_layer"] == "pre_ln"
+        assert fh.attrs["complete"]
+        assert list(fh["labels"][:]) == list(tiny_prepared.label_array("train"))
+    assert not list(tiny_features.glob("*.partial"))
+
+
+def test_features_match_a_direct_forward_pass(tiny_features, tiny_prepared, tiny_weights):
+    model, preprocess, _ = models.load(tiny_weights, torch.device("cpu"))
+    cached = SplitFeatures(tiny_features / "test.h5", load_tokens=True)
+    rows = tiny_prepared.split("test")
+    images = torch.stack([preprocess(Image.open(tiny_prepared.root / p).convert("RGB")) for p in rows["path"][:4]])
+    with torch.inference_mode():
+        pooled = model.encode_image(images).numpy()
+        x = model.visual._embeds(images)
+        pre_ln = model.visual.transformer(x)
+    np.testing.assert_allclose(cached.pooled[:4], pooled, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cached.tokens(np.arange(4)), pre_ln.numpy(), rtol=2e-3, atol=2e-3)
+    assert cached.paths[:4] == list(rows["path"][:4])
+
+
+def test_post_ln_tokens_are_the_normalised_grid(tmp_path, tiny_prepared, tiny_weights, tiny_features):
+    options = extract.ExtractOptions(batch_size=16, workers=0, token_layer="post_ln")
+    model, preprocess, _ = models.load(tiny_weights, torch.device("cpu"))
+    extract.extract_split(model, preprocess, tiny_prepared, "val", tmp_path / "val.h5", options,
+                          torch.device("cpu"), "fp32", {})
+    pre = SplitFeatures(tiny_features / "val.h5", load_tokens=True).tokens(np.arange(3))
+    post = SplitFeatures(tmp_path / "val.h5", load_tokens=True).tokens(np.arange(3))
+    with torch.inference_mode():
+        expected = model.visual.ln_post(torch.from_numpy(pre)).numpy()
+    np.testing.assert_allclose(post, expected, rtol=1e-2, atol=1e-2)
+
+
+def test_extraction_is_byte_identical(tmp_path, tiny_prepared, tiny_weights, tiny_features):
+    options = extract.ExtractOptions(batch_size=16, workers=0)
+    extract.run(tiny_prepared, tiny_weights, options, tmp_path, torch.device("cpu"), "fp32")
+    for name in ("train.h5", "val.h5", "test.h5", "text.h5"):
+        assert sha(tmp_path / name) == sha(tiny_features / name), name
+
+
+def test_text_embeddings(tiny_features, tiny_prepared):
+    text = TextFeatures(tiny_features / "text.h5")
+    assert text.embeddings.shape == (tiny_prepared.num_classes, 128)
+    np.testing.assert_allclose(np.linalg.norm(text.embeddings, axis=1), 1.0, rtol=1e-5)
+    assert text.classnames == list(tiny_prepared.classes["prompt"])
+    assert text.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)  # open_clip's init
+
+
+def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path, tiny_source, tiny_weights):
+    import shutil
+
+    from ltpipe.data.manifest import DatasetSource, build
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_source.root, root)
+    prepared = build(DatasetSource("synthetic", root, {k: root / v.name for k, v in tiny_source.lists.items()},
+                                   root / "classnames.txt", False))
+    bad = prepared.split("val")["path"][2]
+    (root / bad).write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=rf"cannot read image .*{bad}"):
+        extract.run(prepared, tiny_weights, extract.ExtractOptions(batch_size=4, workers=0), tmp_path / "out",
+                    torch.device("cpu"), "fp32")
+    assert not (tmp_path / "out" / "val.h5").exists()
+    assert (tmp_path / "out" / "train.h5").exists()  # splits finished before the error are kept

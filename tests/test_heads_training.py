@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+import torch
+
+from ltpipe import heads, losses
+from ltpipe.config import Params
+from ltpipe.errors import ConfigError
+from ltpipe.evaluation import zeroshot_logits
+from ltpipe.features.store import SplitFeatures, TextFeatures
+from ltpipe.inference import FeatureInput, predict
+from ltpipe.samplers import SAMPLERS
+from ltpipe.training import TrainConfig, param_groups, train, warmup_cosine
+
+
+def context(features_dir, num_classes):
+    tr = SplitFeatures(features_dir / "train.h5")
+    text = TextFeatures(features_dir / "text.h5")
+    return heads.HeadContext(num_classes, tr.pooled.shape[1], tr.token_shape, text.embeddings, text.logit_scale)
+
+
+def test_unknown_head_lists_names():
+    with pytest.raises(ConfigError, match=r"unknown head 'linaer'.*Valid names: cosine, decoder, linear"):
+        heads.HEADS.get("linaer")
+
+
+def test_text_initialised_linear_head_is_the_zero_shot_classifier(tiny_features, tiny_prepared):
+    ctx = context(tiny_features, tiny_prepared.num_classes)
+    head = heads.build("linear", Params({"init": "text"}), ctx)
+    test = SplitFeatures(tiny_features / "test.h5")
+    logits = predict(head, FeatureInput(test, "pooled", torch.device("cpu")))
+    expected = zeroshot_logits(test.pooled, TextFeatures(tiny_features / "text.h5"))
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_depth_zero_is_a_linear_probe_on_cls():
+    head = heads.rebuild("decoder", {"dim": 8, "num_classes": 3, "depth": 0})
+    tokens = torch.randn(2, 5, 8)
+    expected = tokens[:, 0] @ head.classifier.weight.T + head.classifier.bias
+    torch.testing.assert_close(head(tokens), expected)
+
+
+def test_decoder_defaults_follow_imbalance_vlm():
+    head = heads.rebuild("decoder", {"dim": 192, "num_classes": 10})
+    assert len(head.blocks) == 3
+    block = head.blocks[0]
+    assert block.attn.num_heads == 4
+    assert block.attn.in_proj_bias is not None  # qkv bias
+    assert block.mlp[0].out_features == 96  # mlp ratio 0.5
+    assert isinstance(head.norm, torch.nn.Identity)  # no final LayerNorm
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    head = heads.rebuild("cosine", {"in_dim": 4, "num_classes": 3, "scale": 10.0})
+    run = {"head": "cosine", "loss": "bsm", "sampler": "instance", "stage2": "none", "seed": 3}
+    heads.save_checkpoint(tmp_path / "h.pt", head, "cosine", run)
+    loaded, loaded_run = heads.load_checkpoint(tmp_path / "h.pt")
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(loaded(x), head(x))
+    assert loaded_run == run
+
+
+def test_weight_decay_skips_biases_and_scales():
+    head = heads.rebuild("cosine", {"in_dim": 4, "num_classes": 3})
+    decay, no_decay = param_groups(head, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([3, 4])]
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 1
+
+
+def test_warmup_cosine_schedule():
+    f = warmup_cosine(total_steps=10, warmup_steps=2)
+    assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def _train(tiny_features, tiny_prepared, seed, head_name="cosine", epochs=15):
+    torch.manual_seed(seed)
+    ctx = context(tiny_features, tiny_prepared.num_classes)
+    head = heads.build(head_name, None, ctx)
+    tr = SplitFeatures(tiny_features / "train.h5", load_tokens=head.input == "tokens")
+    va = SplitFeatures(tiny_features / "val.h5", load_tokens=head.input == "tokens")
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.05)
+    loss = losses.build("ce", "single", None, tiny_prepared.classes["train_count"].to_numpy())
+    cpu = torch.device("cpu")
+    result = train(head, loss, SAMPLERS.get("instance"), FeatureInput(tr, head.input, cpu),
+                   FeatureInput(va, head.input, cpu), va.labels, cfg, seed, False, tiny_prepared.num_classes, cpu)
+    return head, result
+
+
+def test_training_learns_and_keeps_the_best_validation_epoch(tiny_features, tiny_prepared):
+    head, result = _train(tiny_features, tiny_prepared, seed=0)
+    scores = [row["val_score"] for row in result.history]
+    assert result.best_score == max(scores)
+    assert result.best_epoch == int(np.argmax(scores))
+    assert result.best_score > 1.0 / tiny_prepared.num_classes, "validation above chance"
+    assert result.history[-1]["train_loss"] < 0.7 * result.history[0]["train_loss"]
+    train_feats = SplitFeatures(tiny_features / "train.h5")
+    fitted = predict(head, FeatureInput(train_feats, "pooled", torch.device("cpu"))).argmax(1)
+    majority = np.bincount(train_feats.labels).max() / len(train_feats.labels)
+    assert (fitted == train_feats.labels).mean() > majority + 0.1, "beyond always predicting the head class"
+
+
+def test_training_is_deterministic_for_a_seed(tiny_features, tiny_prepared):
+    a, ra = _train(tiny_features, tiny_prepared, seed=0, epochs=3)
+    b, rb = _train(tiny_features, tiny_prepared, seed=0, epochs=3)
+    c, rc = _train(tiny_features, tiny_prepared, seed=1, epochs=3)
+    for key in a.state_dict():
+        assert torch.equal(a.state_dict()[key], b.state_dict()[key])
+    assert ra.history == rb.history
+    assert ra.history != rc.history
+
+
+def test_decoder_trains_on_token_grids(tiny_features, tiny_prepared):
+    head, result = _train(tiny_features, tiny_prepared, seed=0, head_name="decoder", epochs=2)
+    assert len(result.history) == 2
+    assert np.isfinite(result.history[-1]["train_loss"])

@@ -1,0 +1,76 @@
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import (average_precision_score, balanced_accuracy_score, f1_score, log_loss,
+                             top_k_accuracy_score)
+
+from ltpipe import metrics
+
+rng = np.random.default_rng(0)
+C = 7
+LABELS = rng.integers(0, C, size=300)
+LOGITS = rng.normal(size=(300, C)) + 2.0 * np.eye(C)[LABELS] * rng.random((300, 1))
+GROUPS = np.array(["many", "many", "medium", "medium", "medium", "few", "few"])
+
+
+def test_single_label_metrics_match_sklearn():
+    result, per_class = metrics.single_label(LOGITS, LABELS, GROUPS)
+    pred = LOGITS.argmax(1)
+    probs = np.exp(LOGITS - LOGITS.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    assert result["top1"] == pytest.approx((pred == LABELS).mean())
+    assert result["top5"] == pytest.approx(top_k_accuracy_score(LABELS, LOGITS, k=5))
+    assert result["balanced_acc"] == pytest.approx(balanced_accuracy_score(LABELS, pred))
+    assert result["macro_f1"] == pytest.approx(f1_score(LABELS, pred, average="macro"))
+    assert result["nll"] == pytest.approx(log_loss(LABELS, probs), rel=1e-6)
+    recall = [(pred[LABELS == c] == c).mean() for c in range(C)]
+    np.testing.assert_allclose(per_class, recall)
+    assert result["many"] == pytest.approx(np.mean(recall[:2]))
+    assert result["medium"] == pytest.approx(np.mean(recall[2:5]))
+    assert result["few"] == pytest.approx(np.mean(recall[5:]))
+
+
+def test_ece_by_hand():
+    # Two bins used: confidences 0.9 (2 samples, 1 right) and 0.6 (2 samples, both right).
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+    labels = np.array([0, 1, 1, 1])
+    expected = 0.5 * abs(0.5 - 0.9) + 0.5 * abs(1.0 - 0.6)
+    assert metrics.expected_calibration_error(probs, labels) == pytest.approx(expected)
+
+
+def test_empty_group_is_none():
+    result, _ = metrics.single_label(LOGITS, LABELS, np.array(["many"] * C))
+    assert result["few"] is None and result["medium"] is None
+
+
+def test_multilabel_map_matches_sklearn_with_ties_and_empty_classes():
+    targets = (rng.random((200, 5)) < 0.3).astype(np.uint8)
+    targets[:, 4] = 0  # no positive: left out of the mean
+    scores = np.round(rng.normal(size=(200, 5)) + targets, 1)  # rounding creates ties
+    groups = np.array(["head", "head", "medium", "tail", "tail"])
+    result, ap = metrics.multi_label(scores, targets, groups)
+    expected = [average_precision_score(targets[:, c], scores[:, c]) for c in range(4)]
+    np.testing.assert_allclose(ap[:4], expected)
+    assert np.isnan(ap[4])
+    assert result["mAP"] == pytest.approx(np.mean(expected))
+    assert result["head"] == pytest.approx(np.mean(expected[:2]))
+    assert result["tail"] == pytest.approx(expected[3])
+
+
+def test_cf1_of1_by_hand():
+    targets = np.array([[1, 0], [1, 1], [0, 1]])
+    logits = np.array([[5.0, 5.0], [-5.0, 5.0], [-5.0, -5.0]])  # predictions [[1,1],[0,1],[0,0]]
+    result, _ = metrics.multi_label(logits, targets, np.array(["head", "tail"]))
+    # class 0: tp 1, fp 0, fn 1 -> P 1, R .5 ; class 1: tp 1, fp 1, fn 1 -> P .5, R .5
+    cp, cr = (1 + 0.5) / 2, 0.5
+    op, orr = 2 / 3, 2 / 4
+    assert result["CF1"] == pytest.approx(2 * cp * cr / (cp + cr))
+    assert result["OF1"] == pytest.approx(2 * op * orr / (op + orr))
+
+
+def test_per_class_table():
+    classes = pd.DataFrame({"index": range(C), "name": list("abcdefg"), "train_count": range(C, 0, -1),
+                            "group": GROUPS})
+    result, table = metrics.evaluate(LOGITS, LABELS, classes, multilabel=False)
+    assert list(table.columns) == ["index", "name", "train_count", "test_count", "group", "accuracy"]
+    assert table["test_count"].sum() == len(LABELS)
