@@ -41,13 +41,15 @@ def check_features(features: SplitFeatures, prepared: manifest.Prepared) -> None
             f"prepared dataset is {prepared.name!r} with {prepared.num_classes}. Re-run `dvc repro extract`.")
 
 
-def run_fields(run: Dict, prepared: manifest.Prepared, features: SplitFeatures) -> Dict:
+def cache_id(features: SplitFeatures) -> str:
+    """``arch/pretrained/sha256[:12]`` of the weights that made the cached features."""
     attrs = features.attrs
-    return dict(
-        dataset=prepared.name, task=prepared.task, **run,
-        features={"arch": str(attrs.get("arch")), "pretrained": str(attrs.get("pretrained")),
-                  "weights_sha256": str(attrs.get("weights_sha256"))},
-    )
+    pretrained = str(attrs.get("pretrained") or "random-init")
+    return f"{attrs.get('arch')}/{pretrained}/{str(attrs.get('weights_sha256'))[:12]}"
+
+
+def run_fields(run: Dict, prepared: manifest.Prepared, features: SplitFeatures) -> Dict:
+    return dict(dataset=prepared.name, task=prepared.task, **run, features=cache_id(features))
 
 
 def write_metrics(logits: np.ndarray, labels: np.ndarray, prepared: manifest.Prepared, fields: Dict,

@@ -1,0 +1,32 @@
+# ltpipe: `make setup run` sets up and runs the embedded default; `make test` runs the tests.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+# Stage commands in dvc.yaml call `python`: put the environment's first on PATH.
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test test-fast lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+run: setup
+	dvc repro
+	dvc metrics show
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check ltpipe stages tests
+
+clean:
+	rm -rf data/weights data/prepared data/features data/models .dvc/tmp/runs

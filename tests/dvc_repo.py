@@ -1,0 +1,67 @@
+"""A throw-away copy of the project as its own git + DVC repository, for end-to-end tests."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "ltpipe"]
+# Small enough that the whole DAG runs in well under a minute on 2 cores.
+SMALL = {
+    "datasets.synthetic": dict(classes=6, imbalance=10, max_per_class=40, val_per_class=4, test_per_class=6,
+                               image_size=32),
+    "datasets.synthetic_ml": dict(classes=5, imbalance=10, max_per_class=30, val_per_class=4, test_per_class=6,
+                                  image_size=32),
+    "train": dict(epochs=4),
+    "extract": dict(workers=0),
+}
+
+
+def env() -> dict:
+    out = dict(os.environ)
+    out["PATH"] = str(Path(sys.executable).parent) + os.pathsep + out.get("PATH", "")
+    out["DVC_NO_ANALYTICS"] = "1"
+    out["GIT_AUTHOR_NAME"] = out["GIT_COMMITTER_NAME"] = "ltpipe tests"
+    out["GIT_AUTHOR_EMAIL"] = out["GIT_COMMITTER_EMAIL"] = "tests@ltpipe.invalid"
+    return out
+
+
+def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(list(args), cwd=repo, env=env(), capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def make(path: Path, overrides=SMALL) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(src, path / name)
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    for dotted, values in overrides.items():
+        node = params
+        for part in dotted.split("."):
+            node = node[part]
+        node.update(values)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(path, "git", "init", "-q", "-b", "main")
+    run(path, "git", "config", "user.name", "ltpipe tests")
+    run(path, "git", "config", "user.email", "tests@ltpipe.invalid")
+    run(path, "dvc", "init", "-q")
+    run(path, "dvc", "config", "core.analytics", "false")
+    run(path, "git", "add", "-A")
+    run(path, "git", "commit", "-qm", "project")
+    return path
+
+
+def stages_run(output: str) -> list:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]

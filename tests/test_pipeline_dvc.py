@@ -1,0 +1,75 @@
+"""The DAG end to end through DVC, in a temporary git repository."""
+
+import json
+
+import pytest
+
+from tests import dvc_repo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    path = dvc_repo.make(tmp_path_factory.mktemp("project"))
+    result = dvc_repo.run(path, "dvc", "repro")
+    assert dvc_repo.stages_run(result.stdout) == ["weights", "prepare", "extract", "zeroshot", "train", "evaluate"]
+    dvc_repo.run(path, "git", "add", "-A")
+    dvc_repo.run(path, "git", "commit", "-qm", "baseline")
+    return path
+
+
+def test_repro_writes_every_output(repo):
+    for split in ("train", "val", "test", "text"):
+        assert (repo / "data/features" / f"{split}.h5").is_file()
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert metrics["head"] == "cosine" and metrics["loss"] == "ce" and metrics["dataset"] == "synthetic"
+    for key in ("top1", "top5", "balanced_acc", "many", "medium", "few", "macro_f1", "nll", "ece"):
+        assert key in metrics
+    zeroshot = json.loads((repo / "metrics/zeroshot.json").read_text())
+    assert zeroshot["head"] == "zeroshot" and set(metrics) == set(zeroshot)
+    assert (repo / "metrics/train/metrics.json").is_file()
+
+
+def test_second_repro_runs_nothing(repo):
+    result = dvc_repo.run(repo, "dvc", "repro")
+    assert dvc_repo.stages_run(result.stdout) == []
+    assert "up to date" in result.stdout
+
+
+def test_loss_experiment_reruns_only_train_and_evaluate(repo):
+    features = repo / "data/features/train.h5"
+    before = features.stat().st_mtime_ns
+    result = dvc_repo.run(repo, "dvc", "exp", "run", "-n", "bsm-run", "-S", "loss=bsm")
+    assert dvc_repo.stages_run(result.stdout) == ["train", "evaluate"]
+    assert features.stat().st_mtime_ns == before, "extraction must not be repeated"
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert metrics["loss"] == "bsm"
+
+    diff = json.loads(dvc_repo.run(repo, "dvc", "metrics", "diff", "--json", "--all").stdout)
+    assert "metrics/eval.json" in diff and "top1" in diff["metrics/eval.json"]
+    shown = dvc_repo.run(repo, "dvc", "exp", "show", "--md", "--no-pager").stdout
+    assert "bsm-run" in shown and "bsm" in shown
+
+
+def test_unknown_loss_fails_before_work_with_valid_names(repo):
+    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "loss=focl", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "unknown loss 'focl'" in output and "Valid names: bce, bsm, ce" in output
+    assert not (repo / "data/models/head.pt.partial").exists()
+
+
+def test_unknown_key_is_refused_by_dvc(repo):
+    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "train.epochz=3", check=False)
+    assert result.returncode != 0
+
+
+def test_multilabel_default_runs_the_dag(repo):
+    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "dataset=synthetic_ml", "-S", "loss=bce")
+    ran = dvc_repo.stages_run(result.stdout)
+    assert "weights" not in ran and {"prepare", "extract", "train", "evaluate"} <= set(ran)
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert metrics["task"] == "multi"
+    for key in ("mAP", "head", "medium", "tail", "CF1", "OF1"):
+        assert key in metrics
