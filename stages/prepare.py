@@ -1,7 +1,7 @@
 """DVC stage `prepare`: parses params.yaml and calls `ltpipe.data.run_stage`."""
 
-from ltpipe.data import run_stage
 from ltpipe.config import Params
+from ltpipe.data import run_stage
 from ltpipe.errors import main_guard
 
 

@@ -1,8 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import (average_precision_score, balanced_accuracy_score, f1_score, log_loss,
-                             top_k_accuracy_score)
+from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, log_loss, top_k_accuracy_score
 
 from ltpipe import metrics
 

@@ -54,3 +54,16 @@ def test_default_choices_are_valid():
     losses.LOSSES.get(PARAMS["loss"])
     SAMPLERS.get(PARAMS["sampler"])
     DATASETS.get(PARAMS["dataset"])
+
+
+def test_every_key_the_readme_sets_exists_in_params():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    keys = re.findall(r"-S\s+([A-Za-z_][\w.]*)=", readme)
+    assert len(keys) >= 5
+    for key in keys:
+        node = PARAMS
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"README sets `{key}`, which params.yaml lacks"
+            node = node[part]

@@ -130,8 +130,9 @@ def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: P
     writer = None
     started = time.perf_counter()
     try:
-        with torch.inference_mode():
-            for images, index in tqdm(loader, desc=f"extract {split}", unit="batch", mininterval=2.0):
+        with torch.inference_mode(), tqdm(total=len(dataset), desc=f"extract {split}", unit="img",
+                                          mininterval=2.0) as progress:
+            for images, index in loader:
                 images = images.to(device, non_blocking=True)
                 with autocast(device, precision):
                     pooled = model.encode_image(images)
@@ -148,6 +149,7 @@ def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: P
                 idx = index.numpy()
                 start = int(idx[0])
                 writer.write(start, pooled_np, tokens_np, labels[idx], [paths[i] for i in idx])
+                progress.update(len(idx))
         writer.commit()
     except BaseException:
         if writer is not None:
