@@ -25,6 +25,17 @@ class WeightsError(LtpipeError):
     """Model weights cannot be found or loaded."""
 
 
+def user_message(exc: BaseException) -> str:
+    """The user-facing text of an error, without a DataLoader worker's traceback around it."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        # torch re-raises a worker's exception as `Caught X in DataLoader worker ... Original Traceback ...`,
+        # ending with the original `module.X: message` line.
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main_guard(func):
     """Run a stage entry point; turn :class:`LtpipeError` into a clean exit."""
 
@@ -33,7 +44,7 @@ def main_guard(func):
         try:
             return func(*args, **kwargs)
         except LtpipeError as exc:
-            print(f"ltpipe error: {exc}", file=sys.stderr)
+            print(f"ltpipe error: {user_message(exc)}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

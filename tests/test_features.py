@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ltpipe.errors import ConfigError, DataError, WeightsError
+from ltpipe.errors import ConfigError, DataError, WeightsError, user_message
 from ltpipe.features import extract, models
 from ltpipe.features.store import SplitFeatures, TextFeatures
 
@@ -126,7 +126,8 @@ def test_text_embeddings(tiny_features, tiny_prepared):
     assert text.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)  # open_clip's init
 
 
-def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path, tiny_source, tiny_weights):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path, tiny_source, tiny_weights, workers):
     import shutil
 
     from ltpipe.data.manifest import DatasetSource, build
@@ -137,8 +138,10 @@ def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path, tiny_source
                                    root / "classnames.txt", False))
     bad = prepared.split("val")["path"][2]
     (root / bad).write_bytes(b"not a jpeg")
-    with pytest.raises(DataError, match=rf"cannot read image .*{bad}"):
-        extract.run(prepared, tiny_weights, extract.ExtractOptions(batch_size=4, workers=0), tmp_path / "out",
-                    torch.device("cpu"), "fp32")
+    with pytest.raises(DataError, match=rf"cannot read image .*{bad}") as caught:
+        extract.run(prepared, tiny_weights, extract.ExtractOptions(batch_size=4, workers=workers),
+                    tmp_path / "out", torch.device("cpu"), "fp32")
+    message = user_message(caught.value)
+    assert message.startswith("cannot read image") and message.endswith("then re-run extraction.")
     assert not (tmp_path / "out" / "val.h5").exists()
     assert (tmp_path / "out" / "train.h5").exists()  # splits finished before the error are kept
