@@ -1,10 +1,9 @@
 """Datasets: sources, list formats, validated manifests and class tables."""
 
-import json
 from pathlib import Path
 
 from ltpipe.config import Params
-from ltpipe.data.manifest import Prepared, build, load, save
+from ltpipe.data.manifest import ON_BAD_IMAGE, Prepared, PrepareOptions, build, load, save
 from ltpipe.data.registry import DATASETS
 
 
@@ -14,24 +13,27 @@ def dataset_name(params: Params) -> str:
     return name
 
 
+def prepare_options(params: Params) -> PrepareOptions:
+    section = params.sub("prepare")
+    return PrepareOptions(
+        scan_images=section.bool("scan_images"),
+        on_bad_image=section.str("on_bad_image", choices=ON_BAD_IMAGE),
+        workers=section.int("workers", minimum=0),
+        val_fraction=section.float("val_fraction", minimum=0, maximum=0.9, exclusive_minimum=True),
+        split_seed=section.int("split_seed", minimum=0),
+    )
+
+
 def prepare(params: Params, out_dir: Path) -> Prepared:
     """Build, validate and save the manifest of the dataset named by `dataset`."""
     name = dataset_name(params)
+    options = prepare_options(params)
     section = params.sub(f"datasets.{name}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = DATASETS.get(name)(name, section, out_dir)
-    prepared = build(source)
+    prepared = build(source, options)
     save(prepared, out_dir)
-    report = {
-        "dataset": name,
-        "images": {s: int((prepared.manifest["split"] == s).sum()) for s in ("train", "val", "test")},
-        "classes": prepared.num_classes,
-        "groups": prepared.classes["group"].value_counts().sort_index().to_dict(),
-        "train_count_max": int(prepared.classes["train_count"].max()),
-        "train_count_min": int(prepared.classes["train_count"].min()),
-    }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return prepared
 
 
@@ -40,10 +42,17 @@ def run_stage(params: Params) -> Prepared:
     from ltpipe import paths
 
     prepared = prepare(params, paths.PREPARED_DIR)
-    print(f"prepared {prepared.name}: {prepared.num_classes} classes, "
-          f"{prepared.manifest['split'].value_counts().to_dict()} images, "
-          f"groups {prepared.classes['group'].value_counts().to_dict()}")
+    report = prepared.report
+    print(f"prepared {prepared.name}: {prepared.num_classes} classes, images {report['images']}, "
+          f"groups {report['groups']}")
+    if "validation" in report:
+        print(f"  validation split carved from train: {report['validation']['carved_from_train']} images")
+    if "scan" in report:
+        scan = report["scan"]
+        print(f"  scanned {scan['images']} images: {scan['converted_to_rgb']} not RGB (converted at extraction), "
+              f"{len(scan['bad'])} unreadable (skipped)")
     return prepared
 
 
-__all__ = ["DATASETS", "Prepared", "build", "load", "prepare", "save", "dataset_name"]
+__all__ = ["DATASETS", "Prepared", "PrepareOptions", "build", "dataset_name", "load", "prepare", "prepare_options",
+           "save"]

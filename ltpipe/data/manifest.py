@@ -11,14 +11,15 @@ tail < 20 (Wu et al., ECCV 2020; CPRFL).
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
 
-from ltpipe.data.formats import Entry, read_classnames, read_list
+from ltpipe.data.formats import Entry, curated_prompts, read_classnames, read_list
+from ltpipe.data.scan import scan
 from ltpipe.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -34,13 +35,30 @@ def group_of(train_count: int, multilabel: bool) -> str:
 
 @dataclass
 class DatasetSource:
-    """Where a dataset's files are: an image root, one list per split, a class-name file."""
+    """Where a dataset's files are: an image root, one list per split, a class-name file.
+
+    A ``None`` validation list means "carve one from train" (``PrepareOptions.val_fraction``).
+    """
 
     name: str
     root: Path
-    lists: Dict[str, Path]
+    lists: Dict[str, Optional[Path]]
     classnames: Path
     multilabel: bool
+    names_format: str = "plain"
+    expected_classes: Optional[int] = None
+
+
+@dataclass
+class PrepareOptions:
+    scan_images: bool = False
+    on_bad_image: str = "fail"  # fail | skip
+    workers: int = 2
+    val_fraction: float = 0.1
+    split_seed: int = 0
+
+
+ON_BAD_IMAGE = ("fail", "skip")
 
 
 @dataclass
@@ -52,6 +70,7 @@ class Prepared:
     root: Path
     manifest: pd.DataFrame
     classes: pd.DataFrame
+    report: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -76,16 +95,42 @@ class Prepared:
         return out
 
 
-def build(source: DatasetSource, check_files: bool = True) -> Prepared:
-    names = read_classnames(source.classnames)
+def _shown(items, limit: int = 3) -> str:
+    items = list(items)
+    return ", ".join(str(x) for x in items[:limit]) + (" ..." if len(items) > limit else "")
+
+
+def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check_files: bool = True) -> Prepared:
+    """Read, validate and assemble a dataset. Every problem raises a :class:`DataError`
+    naming the file and the fix, before any feature is computed."""
+    options = options or PrepareOptions()
+    pairs = read_classnames(source.classnames, source.names_format)
+    ids, names = [p[0] for p in pairs], [p[1] for p in pairs]
     num_classes = len(names)
-    entries = {split: read_list(path, source.multilabel) for split, path in source.lists.items()}
-    for split in SPLITS:
+    if source.expected_classes is not None and num_classes != source.expected_classes:
+        raise DataError(
+            f"{source.classnames} names {num_classes} classes, but {source.name} has {source.expected_classes}. "
+            "Point the dataset's `classnames` at its own class-name file.")
+    entries = {split: read_list(path, source.multilabel) for split, path in source.lists.items() if path is not None}
+    for split in ("train", "test"):
         if split not in entries:
             raise DataError(f"dataset {source.name!r} has no {split} list. Set its `{split}_list` in params.yaml.")
+    _check_paths(entries, source)
     _check_labels(entries, num_classes, source)
+    _check_leakage(entries, source)
+    report: dict = {"dataset": source.name}
     if check_files:
         _check_files(entries, source.root)
+    if options.scan_images:
+        entries, report["scan"] = _scan(entries, source, options)
+    if "val" not in entries:
+        entries["train"], entries["val"] = carve_validation(
+            entries["train"], num_classes, options.val_fraction, options.split_seed, source.multilabel)
+        if not entries["val"]:
+            raise DataError(f"no validation image could be carved from {source.name}'s train list: every class "
+                            "is too small. Give a `val_list`, or raise `prepare.val_fraction`.")
+        report["validation"] = {"carved_from_train": len(entries["val"]), "fraction": options.val_fraction,
+                                "seed": options.split_seed}
 
     counts = np.zeros(num_classes, dtype=np.int64)
     for _, labels in entries["train"]:
@@ -93,39 +138,45 @@ def build(source: DatasetSource, check_files: bool = True) -> Prepared:
             counts[label] += 1
     empty = np.flatnonzero(counts == 0)
     if len(empty):
-        shown = ", ".join(f"{i} ({names[i]})" for i in empty[:5])
         raise DataError(
-            f"{len(empty)} class(es) of {source.name!r} have no training image: {shown}"
-            f"{' ...' if len(empty) > 5 else ''}. Check the train list and the class-name file "
-            f"({source.classnames}) describe the same classes."
-        )
+            f"{len(empty)} class(es) of {source.name!r} have no training image: "
+            f"{_shown(f'{i} ({names[i]})' for i in empty)}. The class-name file ({source.classnames}, "
+            f"{num_classes} classes) and the train list must describe the same classes.")
 
     manifest = pd.DataFrame(
         [(split, rel, " ".join(str(x) for x in labels)) for split in SPLITS for rel, labels in entries[split]],
         columns=["split", "path", "labels"],
     )
-    ids, display = zip(*(_split_id(n) for n in names))
     classes = pd.DataFrame({
         "index": np.arange(num_classes),
         "id": ids,
-        "name": display,
-        "prompt": [prompt_name(n) for n in display],
+        "name": names,
+        "prompt": curated_prompts(ids, names),
         "train_count": counts,
         "group": [group_of(int(n), source.multilabel) for n in counts],
     })
-    return Prepared(source.name, source.multilabel, Path(source.root), manifest, classes)
+    report["images"] = {s: len(entries[s]) for s in SPLITS}
+    report["classes"] = num_classes
+    report["groups"] = {g: int((classes["group"] == g).sum()) for g in groups_for(source.multilabel)}
+    report["train_count"] = {"max": int(counts.max()), "min": int(counts.min())}
+    return Prepared(source.name, source.multilabel, Path(source.root), manifest, classes, report)
 
 
-def _split_id(line: str):
-    """``n01440764 tench`` -> (``n01440764``, ``tench``); a bare name is its own id."""
-    parts = line.split(maxsplit=1)
-    if len(parts) == 2 and parts[0][:1].isalpha() and parts[0][1:].isdigit():
-        return parts[0], parts[1]
-    return line, line
-
-
-def prompt_name(name: str) -> str:
-    return name.replace("_", " ").strip()
+def _check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> None:
+    for split, items in entries.items():
+        escaping = [rel for rel, _ in items if os.path.isabs(rel) or ".." in Path(rel).parts]
+        if escaping:
+            raise DataError(
+                f"{source.lists[split]}: {len(escaping)} path(s) leave the dataset root ({_shown(escaping)}). "
+                "List paths must be relative to `root` and stay inside it.")
+        seen, dupes = set(), []
+        for rel, _ in items:
+            if rel in seen:
+                dupes.append(rel)
+            seen.add(rel)
+        if dupes:
+            raise DataError(f"{source.lists[split]}: {len(dupes)} path(s) listed twice ({_shown(dupes)}). "
+                            "Remove the duplicate lines.")
 
 
 def _check_labels(entries: Dict[str, List[Entry]], num_classes: int, source: DatasetSource) -> None:
@@ -135,9 +186,19 @@ def _check_labels(entries: Dict[str, List[Entry]], num_classes: int, source: Dat
             if bad:
                 raise DataError(
                     f"{source.lists[split]}: label {bad[0]} of {rel} is out of range: {source.classnames} "
-                    f"names {num_classes} classes, so labels must be 0..{num_classes - 1}. Fix the list "
-                    "or the class-name file."
-                )
+                    f"names {num_classes} classes, so labels must be 0..{num_classes - 1}. The class count "
+                    "disagrees with the names file: fix the list or point `classnames` at the right file.")
+
+
+def _check_leakage(entries: Dict[str, List[Entry]], source: DatasetSource) -> None:
+    test = {rel for rel, _ in entries["test"]}
+    for split in ("train", "val"):
+        if split in entries:
+            shared = [rel for rel, _ in entries[split] if rel in test]
+            if shared:
+                raise DataError(
+                    f"{len(shared)} image(s) are in both the {split} and the test list of {source.name} "
+                    f"({_shown(shared)}). Remove them from one list: evaluation must not see training images.")
 
 
 def _check_files(entries: Dict[str, List[Entry]], root: Path) -> None:
@@ -145,11 +206,58 @@ def _check_files(entries: Dict[str, List[Entry]], root: Path) -> None:
         raise DataError(f"image root {root} does not exist. Set the dataset's `root` in params.yaml.")
     missing = [rel for items in entries.values() for rel, _ in items if not os.path.isfile(os.path.join(root, rel))]
     if missing:
-        shown = ", ".join(missing[:3])
         raise DataError(
-            f"{len(missing)} image(s) listed are missing under {root} (first: {shown}). "
-            "Check the dataset's `root` in params.yaml points at the folder the list paths are relative to."
-        )
+            f"{len(missing)} image(s) listed are missing under {root} (first: {_shown(missing)}). "
+            "Check the dataset's `root` in params.yaml points at the folder the list paths are relative to.")
+
+
+def _scan(entries: Dict[str, List[Entry]], source: DatasetSource, options: PrepareOptions):
+    paths = [rel for items in entries.values() for rel, _ in items]
+    result = scan(source.root, paths, options.workers)
+    summary = {"images": len(paths), "modes": dict(sorted(result.modes.items())),
+               "converted_to_rgb": result.converted, "bad": dict(sorted(result.bad.items()))}
+    if result.bad and options.on_bad_image == "fail":
+        first = next(iter(sorted(result.bad.items())))
+        raise DataError(
+            f"{len(result.bad)} image(s) under {source.root} cannot be decoded (first: {first[0]}: {first[1]}). "
+            "Replace them, or set `prepare.on_bad_image: skip` to leave them out (they are listed in "
+            "data/prepared/report.json).")
+    if result.bad:
+        entries = {s: [e for e in items if e[0] not in result.bad] for s, items in entries.items()}
+    return entries, summary
+
+
+def carve_validation(train: List[Entry], num_classes: int, fraction: float, seed: int,
+                     multilabel: bool) -> Tuple[List[Entry], List[Entry]]:
+    """A stratified validation split taken from train, never emptying a class.
+
+    Each class (multi-label: each image's rarest label) gives ``round(fraction * n)``
+    images, fewer when taking one would leave one of its labels without training images.
+    """
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for _, labels in train:
+        for label in set(labels):
+            counts[label] += 1
+    strata: Dict[int, List[int]] = {}
+    for i, (_, labels) in enumerate(train):
+        key = min(labels, key=lambda c: (counts[c], c)) if labels else -1
+        strata.setdefault(key, []).append(i)
+    rng = np.random.default_rng(seed)
+    remaining = counts.copy()
+    chosen = set()
+    for key in sorted(strata):
+        members = strata[key]
+        quota = int(np.floor(fraction * len(members) + 0.5))
+        for i in rng.permutation(members):
+            if quota == 0:
+                break
+            labels = set(train[i][1])
+            if all(remaining[c] > 1 for c in labels):
+                chosen.add(int(i))
+                quota -= 1
+                for c in labels:
+                    remaining[c] -= 1
+    return ([e for i, e in enumerate(train) if i not in chosen], [e for i, e in enumerate(train) if i in chosen])
 
 
 def save(prepared: Prepared, out_dir: Path) -> None:
@@ -157,16 +265,15 @@ def save(prepared: Prepared, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     prepared.manifest.to_csv(out_dir / "manifest.csv", index=False)
     prepared.classes.to_csv(out_dir / "classes.csv", index=False)
-    root = Path(prepared.root)
     meta = {
         "name": prepared.name,
         "task": prepared.task,
-        "root": str(root),
+        "root": str(prepared.root),
         "num_classes": prepared.num_classes,
         "splits": {s: int((prepared.manifest["split"] == s).sum()) for s in SPLITS},
-        "groups": prepared.classes["group"].value_counts().to_dict(),
     }
     (out_dir / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out_dir / "report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
 
 
 def load(prepared_dir: Path) -> Prepared:
