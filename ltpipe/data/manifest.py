@@ -2,7 +2,11 @@
 
 ``manifest.csv``: one row per image, columns ``split, path, labels`` (labels
 space-separated). ``classes.csv``: ``index, id, name, prompt, train_count,
-group``. ``dataset.json``: name, task, image root, class count and split sizes.
+list_count, group``: ``train_count`` counts the images trained on, ``list_count``
+those of the published training list (they differ when a validation split is
+carved from it), and ``group`` follows ``list_count``, the benchmark's definition.
+``dataset.json``: name, task, image root, class count and split sizes.
+``report.json``: what prepare found and did (carved split, scanned modes, skips).
 
 Groups come from training counts. Single-label: many > 100, medium 20-100,
 few < 20 (Liu et al., OLTR, CVPR 2019). Multi-label: head >= 100, medium 20-99,
@@ -123,6 +127,9 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
         _check_files(entries, source.root)
     if options.scan_images:
         entries, report["scan"] = _scan(entries, source, options)
+    # Groups follow the published training list, before any validation split is carved
+    # from it, so head/medium/tail match the benchmark's definition.
+    list_counts = _class_counts(entries["train"], num_classes)
     if "val" not in entries:
         entries["train"], entries["val"] = carve_validation(
             entries["train"], num_classes, options.val_fraction, options.split_seed, source.multilabel)
@@ -132,10 +139,7 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
         report["validation"] = {"carved_from_train": len(entries["val"]), "fraction": options.val_fraction,
                                 "seed": options.split_seed}
 
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for _, labels in entries["train"]:
-        for label in set(labels):
-            counts[label] += 1
+    counts = _class_counts(entries["train"], num_classes)
     empty = np.flatnonzero(counts == 0)
     if len(empty):
         raise DataError(
@@ -153,7 +157,8 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
         "name": names,
         "prompt": curated_prompts(ids, names),
         "train_count": counts,
-        "group": [group_of(int(n), source.multilabel) for n in counts],
+        "list_count": list_counts,
+        "group": [group_of(int(n), source.multilabel) for n in list_counts],
     })
     report["images"] = {s: len(entries[s]) for s in SPLITS}
     report["classes"] = num_classes
@@ -227,6 +232,14 @@ def _scan(entries: Dict[str, List[Entry]], source: DatasetSource, options: Prepa
     return entries, summary
 
 
+def _class_counts(items: List[Entry], num_classes: int) -> np.ndarray:
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for _, labels in items:
+        for label in set(labels):
+            counts[label] += 1
+    return counts
+
+
 def carve_validation(train: List[Entry], num_classes: int, fraction: float, seed: int,
                      multilabel: bool) -> Tuple[List[Entry], List[Entry]]:
     """A stratified validation split taken from train, never emptying a class.
@@ -234,10 +247,7 @@ def carve_validation(train: List[Entry], num_classes: int, fraction: float, seed
     Each class (multi-label: each image's rarest label) gives ``round(fraction * n)``
     images, fewer when taking one would leave one of its labels without training images.
     """
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for _, labels in train:
-        for label in set(labels):
-            counts[label] += 1
+    counts = _class_counts(train, num_classes)
     strata: Dict[int, List[int]] = {}
     for i, (_, labels) in enumerate(train):
         key = min(labels, key=lambda c: (counts[c], c)) if labels else -1
