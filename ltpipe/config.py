@@ -5,6 +5,7 @@ missing key or an out-of-range value fails before any work is done, with a
 message naming the key and what it should be.
 """
 
+import math
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -114,6 +115,8 @@ class Params:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"`{self._full(key)}` must be a number, got {value!r} ({type(value).__name__}).")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"`{self._full(key)}` must be a finite number, got {value}.")
         if exclusive_minimum and minimum is not None and value <= minimum:
             raise ConfigError(f"`{self._full(key)}` must be greater than {minimum}, got {value}.")
         _check_range(self._full(key), value, minimum, maximum)

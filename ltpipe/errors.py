@@ -25,6 +25,10 @@ class WeightsError(LtpipeError):
     """Model weights cannot be found or loaded."""
 
 
+class TrainingError(LtpipeError):
+    """Training cannot go on (the loss diverged)."""
+
+
 def user_message(exc: BaseException) -> str:
     """The user-facing text of an error, without a DataLoader worker's traceback around it."""
     text = str(exc)

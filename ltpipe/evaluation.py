@@ -55,6 +55,9 @@ def run_fields(run: Dict, prepared: manifest.Prepared, features: SplitFeatures) 
 def write_metrics(logits: np.ndarray, labels: np.ndarray, prepared: manifest.Prepared, fields: Dict,
                   name: str) -> Dict:
     result, table = metrics.evaluate(logits, labels, prepared.classes, prepared.multilabel)
+    clash = set(fields) & set(result)
+    if clash:
+        raise AssertionError(f"metric keys {sorted(clash)} would overwrite the run's identity fields")
     payload = dict(fields, **result)
     paths.METRICS_DIR.mkdir(parents=True, exist_ok=True)
     Path(paths.METRICS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")

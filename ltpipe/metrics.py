@@ -4,8 +4,12 @@ Single-label: top1, top5, balanced_acc, many/medium/few (means of per-class
 accuracy within each training-count group), macro_f1, nll, ece (15 equal-width
 confidence bins, Guo et al. 2017). Multi-label: mAP (mean of per-class average
 precision, scikit-learn's tie-correct definition; classes with no test positive
-are left out), head/medium/tail mAP, CF1 and OF1 at a threshold on the sigmoid
-(the per-class and overall F1 of ML-GCN, Chen et al. 2019).
+are left out), mAP_head/mAP_medium/mAP_tail, CF1 and OF1 at a threshold on the
+sigmoid (the per-class and overall F1 of ML-GCN, Chen et al. 2019; per-class
+precision and recall averaged over classes with a test positive).
+
+The group keys of multi-label metrics carry an ``mAP_`` prefix so they never
+collide with the run's ``head`` name in the same JSON file.
 """
 
 from typing import Dict, Optional, Sequence, Tuple
@@ -82,13 +86,16 @@ def multi_label(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str],
     groups = np.asarray(groups)
     result = {"mAP": _mean_or_none(ap)}
     for group in ("head", "medium", "tail"):
-        result[group] = _mean_or_none(ap[groups == group])
+        result[f"mAP_{group}"] = _mean_or_none(ap[groups == group])
     pred = 1.0 / (1.0 + np.exp(-logits)) >= threshold
     tp = (pred & targets).sum(axis=0).astype(np.float64)
     fp = (pred & ~targets).sum(axis=0).astype(np.float64)
     fn = (~pred & targets).sum(axis=0).astype(np.float64)
-    cp = np.mean(np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0))
-    cr = np.mean(np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0))
+    present = targets.any(axis=0)
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+    cp = float(precision[present].mean()) if present.any() else 0.0
+    cr = float(recall[present].mean()) if present.any() else 0.0
     op = tp.sum() / max(tp.sum() + fp.sum(), 1.0)
     orr = tp.sum() / max(tp.sum() + fn.sum(), 1.0)
     result["CF1"] = float(2 * cp * cr / (cp + cr)) if cp + cr > 0 else 0.0
@@ -97,19 +104,20 @@ def multi_label(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str],
 
 
 def evaluate(logits: np.ndarray, labels: np.ndarray, classes: pd.DataFrame, multilabel: bool):
-    """Metrics dict and a per-class table (for `dvc plots`)."""
+    """Metrics dict and a per-class table (for `dvc plots`).
+
+    The table's ``score`` column is the per-class accuracy (single-label) or average
+    precision (multi-label): one column name, so one plot definition serves both."""
     groups = classes["group"].to_numpy()
     if multilabel:
         result, per_class = multi_label(logits, labels, groups)
-        column = "ap"
         test_count = np.asarray(labels).sum(axis=0)
     else:
         result, per_class = single_label(logits, labels, groups)
-        column = "accuracy"
         test_count = np.bincount(labels, minlength=len(classes))
     table = pd.DataFrame({
         "index": classes["index"], "name": classes["name"], "train_count": classes["train_count"],
-        "test_count": test_count, "group": classes["group"], column: per_class,
+        "test_count": test_count, "group": classes["group"], "score": per_class,
     })
     return result, table
 

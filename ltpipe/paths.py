@@ -11,3 +11,5 @@ MODELS_DIR = DATA / "models"
 HEAD_CHECKPOINT = MODELS_DIR / "head.pt"
 METRICS_DIR = Path("metrics")
 TRAIN_LOG_DIR = METRICS_DIR / "train"
+# Timings live outside data/features: identical features must keep an identical DVC hash.
+EXTRACT_REPORT = METRICS_DIR / "extract_report.json"

@@ -18,6 +18,7 @@ from torch import nn
 from ltpipe import heads, losses, metrics, paths
 from ltpipe.config import Params
 from ltpipe.data import manifest
+from ltpipe.errors import TrainingError
 from ltpipe.evaluation import check_features, check_task
 from ltpipe.features.store import SplitFeatures, TextFeatures
 from ltpipe.inference import FeatureInput, predict
@@ -110,8 +111,9 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
             logits = head(train_data.batch(index))
             loss = loss_fn(logits, target[torch.from_numpy(index)].to(device))
             if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {loss.item()} at epoch {epoch}; lower `train.lr` or check the features.")
+                raise TrainingError(
+                    f"the training loss became {loss.item()} at epoch {epoch}. Lower `train.lr` (now {cfg.lr}) "
+                    "or check the feature cache for NaN values.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -159,7 +161,8 @@ def run_stage(params: Params, logger=None) -> Dict:
     check_features(train_feats, prepared)
     text = TextFeatures(paths.FEATURES_DIR / "text.h5")
     ctx = heads.HeadContext(prepared.num_classes, train_feats.pooled.shape[1], train_feats.token_shape,
-                            text.embeddings, text.logit_scale)
+                            text.embeddings, text.logit_scale,
+                            tokens_have_cls=str(train_feats.attrs.get("token_layer")) in ("pre_ln", "post_ln"))
     head = heads.build(head_name, _optional_section(params, f"heads.{head_name}"), ctx)
     loss_fn = losses.build(loss_name, task, _optional_section(params, f"losses.{loss_name}"),
                            prepared.classes["train_count"].to_numpy())

@@ -49,3 +49,11 @@ def test_registry_unknown_name_lists_valid_names():
     registry.register("bsm")(object())
     with pytest.raises(ConfigError, match=r"unknown loss 'bms' \(params.yaml key `loss`\). Valid names: bsm, ce"):
         registry.get("bms")
+
+
+def test_non_finite_numbers_are_refused(tmp_path):
+    params = Params.load(write(tmp_path, "train: {lr: .nan, wd: .inf}\n"))
+    with pytest.raises(ConfigError, match=r"`train.lr` must be a finite number"):
+        params.float("train.lr")
+    with pytest.raises(ConfigError, match=r"`train.wd` must be a finite number"):
+        params.sub("train").float("wd")

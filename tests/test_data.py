@@ -106,3 +106,11 @@ def test_class_without_training_image(tmp_path):
 def test_single_label_line_with_two_labels(tmp_path):
     with pytest.raises(DataError, match=r"train.txt:1: a single-label list needs exactly one label"):
         build(_lists(tmp_path, "a.jpg 0 1\n"))
+
+
+def test_numeric_class_names_stay_text(tmp_path):
+    source = _lists(tmp_path, "a.jpg 0\nc.jpg 1\n", names=("1", "2"))
+    prepared = build(source)
+    save(prepared, tmp_path / "out")
+    loaded = load(tmp_path / "out")
+    assert loaded.classes["name"].tolist() == ["1", "2"] and loaded.classes["prompt"].tolist() == ["1", "2"]

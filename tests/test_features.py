@@ -62,6 +62,38 @@ def test_offline_tag_fails_fast_with_the_fix(tmp_path, monkeypatch):
     assert time.monotonic() - started < 10
 
 
+def test_tag_settings_carry_quick_gelu_and_preprocessing():
+    assert models.tag_settings("ViT-B-16", "openai")[0] is True
+    quick_gelu, preprocess = models.tag_settings("ViT-B-16-SigLIP", "webli")
+    assert quick_gelu is False
+    assert preprocess["mean"] == [0.5, 0.5, 0.5] and preprocess["resize_mode"] == "squash"
+
+
+def test_load_applies_the_tag_settings(tiny_weights):
+    from dataclasses import replace
+
+    from open_clip.transformer import QuickGELU
+
+    settings = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "resize_mode": "squash"}
+    model, preprocess, _ = models.load(replace(tiny_weights, quick_gelu=True, preprocess=settings),
+                                       torch.device("cpu"))
+    assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    normalize = preprocess.transforms[-1]
+    assert list(normalize.mean) == [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", "state_dict_with_wrong_keys"])
+def test_unloadable_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content == "state_dict_with_wrong_keys":
+        torch.save({"foo": torch.zeros(3)}, path)
+    else:
+        path.write_bytes(content)
+    resolved = models.resolve("ltpipe-tiny", str(path), tmp_path)
+    with pytest.raises(WeightsError, match=r"cannot load .*bad.pt as ltpipe-tiny weights.*Check `model.arch`"):
+        models.load(resolved, torch.device("cpu"))
+
+
 def test_changed_checkpoint_is_detected(tmp_path, tiny_weights):
     copy = tmp_path / "w.pt"
     copy.write_bytes(open(tiny_weights.checkpoint, "rb").read())

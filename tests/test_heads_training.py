@@ -112,3 +112,27 @@ def test_decoder_trains_on_token_grids(tiny_features, tiny_prepared):
     head, result = _train(tiny_features, tiny_prepared, seed=0, head_name="decoder", epochs=2)
     assert len(result.history) == 2
     assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_decoder_reads_the_mean_token_when_the_grid_has_no_cls():
+    ctx = heads.HeadContext(3, 8, (5, 8), tokens_have_cls=False)
+    head = heads.build("decoder", Params({"depth": 0}), ctx)
+    tokens = torch.randn(2, 5, 8)
+    expected = tokens.mean(dim=1) @ head.classifier.weight.T + head.classifier.bias
+    torch.testing.assert_close(head(tokens), expected)
+    assert heads.rebuild("decoder", head.kwargs).readout == "mean"
+
+
+def test_diverging_training_is_a_clear_error(tiny_features, tiny_prepared):
+    from ltpipe.errors import TrainingError
+
+    train_feats = SplitFeatures(tiny_features / "train.h5")
+    train_feats.pooled[:] = np.nan
+    val = SplitFeatures(tiny_features / "val.h5")
+    head = heads.rebuild("linear", {"in_dim": train_feats.pooled.shape[1], "num_classes": tiny_prepared.num_classes})
+    cpu = torch.device("cpu")
+    loss = losses.build("ce", "single", None, tiny_prepared.classes["train_count"].to_numpy())
+    with pytest.raises(TrainingError, match=r"training loss became nan at epoch 0. Lower `train.lr`"):
+        train(head, loss, SAMPLERS.get("instance"), FeatureInput(train_feats, "pooled", cpu),
+              FeatureInput(val, "pooled", cpu), val.labels, TrainConfig(epochs=1), 0, False,
+              tiny_prepared.num_classes, cpu)

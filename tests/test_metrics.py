@@ -52,8 +52,16 @@ def test_multilabel_map_matches_sklearn_with_ties_and_empty_classes():
     np.testing.assert_allclose(ap[:4], expected)
     assert np.isnan(ap[4])
     assert result["mAP"] == pytest.approx(np.mean(expected))
-    assert result["head"] == pytest.approx(np.mean(expected[:2]))
-    assert result["tail"] == pytest.approx(expected[3])
+    assert result["mAP_head"] == pytest.approx(np.mean(expected[:2]))
+    assert result["mAP_medium"] == pytest.approx(expected[2])
+    assert result["mAP_tail"] == pytest.approx(expected[3])
+
+
+def test_class_precision_recall_leave_out_classes_without_positives():
+    targets = np.array([[1, 0], [1, 0]])
+    logits = np.array([[5.0, -5.0], [5.0, -5.0]])  # class 0 perfect; class 1 has no positive
+    result, _ = metrics.multi_label(logits, targets, np.array(["head", "tail"]))
+    assert result["CF1"] == pytest.approx(1.0)
 
 
 def test_cf1_of1_by_hand():
@@ -71,5 +79,5 @@ def test_per_class_table():
     classes = pd.DataFrame({"index": range(C), "name": list("abcdefg"), "train_count": range(C, 0, -1),
                             "group": GROUPS})
     result, table = metrics.evaluate(LOGITS, LABELS, classes, multilabel=False)
-    assert list(table.columns) == ["index", "name", "train_count", "test_count", "group", "accuracy"]
+    assert list(table.columns) == ["index", "name", "train_count", "test_count", "group", "score"]
     assert table["test_count"].sum() == len(LABELS)

@@ -67,3 +67,41 @@ def test_every_key_the_readme_sets_exists_in_params():
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"README sets `{key}`, which params.yaml lacks"
             node = node[part]
+
+
+def declared(stage: str, key: str) -> bool:
+    """``key`` is declared, lies under a declared key, or is a section holding declared keys
+    (``params.sub("model")`` navigates; the leaves read below it are recorded on their own)."""
+    return any(key == p or key.startswith(p + ".") or p.startswith(key + ".")
+               for p in STAGES[stage].get("params", []))
+
+
+def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch):
+    import importlib
+
+    from ltpipe.config import Params
+    from tests.dvc_repo import SMALL
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, values in SMALL.items():
+        node = params
+        for part in dotted.split("."):
+            node = node[part]
+        node.update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+
+    reads = []
+    original = Params.raw
+
+    def recording(self, key, *args, **kwargs):
+        reads.append(self._full(key))
+        return original(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(Params, "raw", recording)
+    for stage in STAGES:  # dvc.yaml lists them in dependency order
+        reads.clear()
+        importlib.import_module(f"stages.{stage}").main()
+        assert reads, f"stage {stage} read no parameter"
+        undeclared = sorted({key for key in reads if not declared(stage, key)})
+        assert not undeclared, f"stage {stage} reads {undeclared} without declaring them in dvc.yaml"

@@ -169,7 +169,8 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
 
 def _check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> None:
     for split, items in entries.items():
-        escaping = [rel for rel, _ in items if os.path.isabs(rel) or ".." in Path(rel).parts]
+        escaping = [rel for rel, _ in items
+                    if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/")]
         if escaping:
             raise DataError(
                 f"{source.lists[split]}: {len(escaping)} path(s) leave the dataset root ({_shown(escaping)}). "
@@ -293,7 +294,9 @@ def load(prepared_dir: Path) -> Prepared:
         raise DataError(f"{meta_path} not found: the prepare stage has not run. Run `dvc repro prepare`.")
     meta = json.loads(meta_path.read_text())
     manifest = pd.read_csv(prepared_dir / "manifest.csv", dtype={"labels": str}, keep_default_na=False)
-    classes = pd.read_csv(prepared_dir / "classes.csv", keep_default_na=False)
+    # Ids and names stay text even when they look like numbers (iNat ids, classes named "1").
+    classes = pd.read_csv(prepared_dir / "classes.csv", keep_default_na=False,
+                          dtype={"id": str, "name": str, "prompt": str})
     return Prepared(meta["name"], meta["task"] == "multi", Path(meta["root"]), manifest, classes)
 
 

@@ -231,7 +231,8 @@ def run_stage(params: Params) -> Dict:
     weights = models.ResolvedWeights.load(paths.WEIGHTS_JSON)
     prepared = manifest.load(paths.PREPARED_DIR)
     report = run(prepared, weights, options, paths.FEATURES_DIR, device, precision)
-    (paths.FEATURES_DIR / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    paths.EXTRACT_REPORT.parent.mkdir(parents=True, exist_ok=True)
+    paths.EXTRACT_REPORT.write_text(json.dumps(report, indent=2) + "\n")
     for split, row in report.items():
         print(f"extract {split}: {row['images']} images in {row['seconds']:.1f}s ({row['images_per_second']} img/s)")
     return report

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -53,13 +53,24 @@ def check_arch(arch: str) -> str:
     return arch
 
 
+PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
 @dataclass
 class ResolvedWeights:
+    """One checkpoint file, and how open_clip must build the model that reads it.
+
+    ``quick_gelu`` and ``preprocess`` come from the pretrained tag's config: open_clip
+    applies them only when given a tag, and we load tags from a resolved file path.
+    """
+
     arch: str
     pretrained: Optional[str]
     checkpoint: str
     sha256: str
     init_seed: Optional[int] = None
+    quick_gelu: bool = False
+    preprocess: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -100,7 +111,15 @@ def resolve(arch: str, pretrained: Optional[str], out_dir: Path, init_seed: int 
             f"state-dict file for {arch}, an open_clip tag, or null for the seeded random init."
         )
     checkpoint = _download_tag(arch, pretrained)
-    return ResolvedWeights(arch, pretrained, checkpoint, sha256_of(Path(checkpoint)))
+    quick_gelu, preprocess = tag_settings(arch, pretrained)
+    return ResolvedWeights(arch, pretrained, checkpoint, sha256_of(Path(checkpoint)), None, quick_gelu, preprocess)
+
+
+def tag_settings(arch: str, tag: str):
+    """The activation and preprocessing a pretrained tag was trained with."""
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    preprocess = {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in PREPROCESS_KEYS if k in cfg}
+    return bool(cfg.get("quick_gelu", False)), preprocess
 
 
 def _write_seeded_checkpoint(arch: str, seed: int, path: Path) -> None:
@@ -200,12 +219,19 @@ def load(weights: ResolvedWeights, device: torch.device):
             f"checkpoint {checkpoint} changed since the weights stage recorded it (sha256 differs). "
             "Re-run `dvc repro -f weights` so the features say which weights made them."
         )
+    settings = weights.preprocess
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            weights.arch, pretrained=str(checkpoint), device=device
+            weights.arch, pretrained=str(checkpoint), device=device, force_quick_gelu=weights.quick_gelu,
+            image_mean=settings.get("mean"), image_std=settings.get("std"),
+            image_interpolation=settings.get("interpolation"), image_resize_mode=settings.get("resize_mode"),
         )
-    except RuntimeError as exc:
-        raise WeightsError(f"cannot load {checkpoint} into {weights.arch}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure here means "this file is not weights for arch"
+        raise WeightsError(
+            f"cannot load {checkpoint} as {weights.arch} weights ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:300]}). "
+            "Check `model.arch` matches the checkpoint (e.g. ViT-B-16-quickgelu for QuickGELU weights) and "
+            "that the file is an open_clip state dict.") from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(weights.arch)
 

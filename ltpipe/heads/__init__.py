@@ -29,6 +29,7 @@ class HeadContext:
     token_shape: Optional[tuple]
     text_embeddings: Optional[np.ndarray] = None
     logit_scale: float = 100.0
+    tokens_have_cls: bool = True  # ViT grids start with CLS; ResNet grids do not
 
 
 def build(name: str, section: Optional[Params], ctx: HeadContext) -> torch.nn.Module:

@@ -7,8 +7,10 @@ pre-norm ViT blocks (timm ``Block``: ``x + MHSA(LN(x))``, ``x + MLP(LN(x))``, ML
 linear classifier. Defaults follow the paper's runs: depth 3, 4 heads, MLP ratio
 0.5, no final LayerNorm. Depth 0 is a linear probe on the CLS token.
 
-Deviation: ``final_norm: true`` adds a LayerNorm before the classifier (the
-official code has none); off by default.
+Deviations: ``final_norm: true`` adds a LayerNorm before the classifier (the
+official code has none); off by default. ResNet token grids have no CLS token, so
+there the read-out is the mean over tokens (``readout: mean``), chosen
+automatically from the cache.
 """
 
 from typing import Optional
@@ -41,12 +43,15 @@ class DecoderHead(nn.Module):
     input = "tokens"
 
     def __init__(self, dim: int, num_classes: int, depth: int = 3, heads: int = 4, mlp_ratio: float = 0.5,
-                 final_norm: bool = False):
+                 final_norm: bool = False, readout: str = "cls"):
         super().__init__()
         if depth > 0 and dim % heads:
             raise ConfigError(f"`heads.decoder.heads` ({heads}) must divide the token width {dim}.")
+        if readout not in ("cls", "mean"):
+            raise ConfigError(f"decoder read-out must be cls or mean, got {readout!r}.")
+        self.readout = readout
         self.kwargs = {"dim": dim, "num_classes": num_classes, "depth": depth, "heads": heads,
-                       "mlp_ratio": mlp_ratio, "final_norm": final_norm}
+                       "mlp_ratio": mlp_ratio, "final_norm": final_norm, "readout": readout}
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-5) if final_norm else nn.Identity()
         self.classifier = nn.Linear(dim, num_classes)
@@ -56,14 +61,16 @@ class DecoderHead(nn.Module):
         if ctx.token_shape is None:
             raise ConfigError("head `decoder` reads token grids, but the feature cache has none. "
                               "Set `extract.tokens: true` and re-run `dvc repro`.")
+        readout = "cls" if ctx.tokens_have_cls else "mean"
         if section is None:
-            return cls(ctx.token_shape[-1], ctx.num_classes)
+            return cls(ctx.token_shape[-1], ctx.num_classes, readout=readout)
         return cls(ctx.token_shape[-1], ctx.num_classes,
                    depth=section.int("depth", minimum=0, default=3),
                    heads=section.int("heads", minimum=1, default=4),
                    mlp_ratio=section.float("mlp_ratio", minimum=0, exclusive_minimum=True, default=0.5),
-                   final_norm=section.bool("final_norm", default=False))
+                   final_norm=section.bool("final_norm", default=False), readout=readout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.blocks(tokens)
-        return self.classifier(self.norm(x[:, 0]))
+        pooled = x[:, 0] if self.readout == "cls" else x.mean(dim=1)
+        return self.classifier(self.norm(pooled))
