@@ -98,6 +98,14 @@ def test_missing_images_are_counted_and_named(tmp_path):
         build(_lists(tmp_path, "a.jpg 0\nnope1.jpg 1\nnope2.jpg 1\n"))
 
 
+def test_missing_images_skipped_on_request_are_reported(tmp_path):
+    from ltpipe.data.manifest import PrepareOptions
+
+    prepared = build(_lists(tmp_path, "a.jpg 0\nnope1.jpg 1\nb.jpg 1\n"), PrepareOptions(on_bad_image="skip"))
+    assert prepared.split("train")["path"].tolist() == ["a.jpg", "b.jpg"]
+    assert prepared.report["missing_skipped"] == ["nope1.jpg"]
+
+
 def test_class_without_training_image(tmp_path):
     with pytest.raises(DataError, match=r"1 class\(es\).*no training image: 1 \(dog\)"):
         build(_lists(tmp_path, "a.jpg 0\nc.jpg 0\n"))

@@ -124,7 +124,9 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
     _check_leakage(entries, source)
     report: dict = {"dataset": source.name}
     if check_files:
-        _check_files(entries, source.root)
+        entries, missing = _check_files(entries, source.root, options.on_bad_image == "skip")
+        if missing:
+            report["missing_skipped"] = missing
     if options.scan_images:
         entries, report["scan"] = _scan(entries, source, options)
     # Groups follow the published training list, before any validation split is carved
@@ -207,14 +209,20 @@ def _check_leakage(entries: Dict[str, List[Entry]], source: DatasetSource) -> No
                     f"({_shown(shared)}). Remove them from one list: evaluation must not see training images.")
 
 
-def _check_files(entries: Dict[str, List[Entry]], root: Path) -> None:
+def _check_files(entries: Dict[str, List[Entry]], root: Path, skip: bool):
+    """Every listed image must exist; with ``skip``, missing ones are dropped and returned."""
     if not Path(root).is_dir():
         raise DataError(f"image root {root} does not exist. Set the dataset's `root` in params.yaml.")
     missing = [rel for items in entries.values() for rel, _ in items if not os.path.isfile(os.path.join(root, rel))]
-    if missing:
+    if missing and not skip:
         raise DataError(
             f"{len(missing)} image(s) listed are missing under {root} (first: {_shown(missing)}). "
-            "Check the dataset's `root` in params.yaml points at the folder the list paths are relative to.")
+            "Check the dataset's `root` in params.yaml points at the folder the list paths are relative to, "
+            "or set `prepare.on_bad_image: skip` to leave them out.")
+    if missing:
+        gone = set(missing)
+        entries = {s: [e for e in items if e[0] not in gone] for s, items in entries.items()}
+    return entries, sorted(missing)
 
 
 def _scan(entries: Dict[str, List[Entry]], source: DatasetSource, options: PrepareOptions):
