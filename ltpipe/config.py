@@ -61,9 +61,6 @@ class Params:
     def _full(self, key: str) -> str:
         return f"{self.prefix}.{key}" if self.prefix else key
 
-    def has(self, key: str) -> bool:
-        return self.raw(key, None) is not None
-
     def raw(self, key: str, default: Any = _MISSING) -> Any:
         node: Any = self.data
         for part in key.split("."):

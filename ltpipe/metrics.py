@@ -19,6 +19,8 @@ import pandas as pd
 from scipy.special import log_softmax
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score
 
+from ltpipe.data.manifest import MULTI_GROUPS, SINGLE_GROUPS
+
 
 def _mean_or_none(values: np.ndarray) -> Optional[float]:
     values = values[~np.isnan(values)]
@@ -61,7 +63,7 @@ def single_label(logits: np.ndarray, labels: np.ndarray, groups: Sequence[str]) 
         "top5": float((topk == labels[:, None]).any(axis=1).mean()),
         "balanced_acc": float(balanced_accuracy_score(labels, pred)),
     }
-    for group in ("many", "medium", "few"):
+    for group in SINGLE_GROUPS:
         result[group] = _mean_or_none(per_class[groups == group])
     result["macro_f1"] = float(f1_score(labels, pred, average="macro", labels=np.unique(labels), zero_division=0))
     result["nll"] = float(-log_probs[np.arange(len(labels)), labels].mean())
@@ -85,7 +87,7 @@ def multi_label(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str],
     ap = per_class_ap(logits, targets)
     groups = np.asarray(groups)
     result = {"mAP": _mean_or_none(ap)}
-    for group in ("head", "medium", "tail"):
+    for group in MULTI_GROUPS:
         result[f"mAP_{group}"] = _mean_or_none(ap[groups == group])
     pred = 1.0 / (1.0 + np.exp(-logits)) >= threshold
     tp = (pred & targets).sum(axis=0).astype(np.float64)
