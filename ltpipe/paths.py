@@ -7,6 +7,8 @@ WEIGHTS_DIR = DATA / "weights"
 WEIGHTS_JSON = WEIGHTS_DIR / "weights.json"
 PREPARED_DIR = DATA / "prepared"
 FEATURES_DIR = DATA / "features"
+# Extraction shards: not a DVC output, so a failed run's work survives DVC deleting data/features.
+PARTIAL_DIR = DATA / "partial"
 MODELS_DIR = DATA / "models"
 HEAD_CHECKPOINT = MODELS_DIR / "head.pt"
 METRICS_DIR = Path("metrics")

@@ -135,7 +135,7 @@ def test_post_ln_tokens_are_the_normalised_grid(tmp_path, tiny_prepared, tiny_we
     options = extract.ExtractOptions(batch_size=16, workers=0, token_layer="post_ln")
     model, preprocess, _ = models.load(tiny_weights, torch.device("cpu"))
     extract.extract_split(model, preprocess, tiny_prepared, "val", tmp_path / "val.h5", options,
-                          torch.device("cpu"), "fp32", {})
+                          torch.device("cpu"), "fp32", {}, tmp_path / "partial")
     pre = SplitFeatures(tiny_features / "val.h5", load_tokens=True).tokens(np.arange(3))
     post = SplitFeatures(tmp_path / "val.h5", load_tokens=True).tokens(np.arange(3))
     with torch.inference_mode():

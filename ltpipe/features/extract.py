@@ -11,7 +11,11 @@ projection) and the token grid, read by a forward hook:
   pooling, flattened to ``[H*W, C]``; ``token_layer`` does not apply.
 """
 
+import hashlib
 import json
+import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import ltpipe
@@ -45,6 +49,7 @@ class ExtractOptions:
     token_layer: str = "pre_ln"
     templates: str = "single"
     dtype: str = "float16"
+    checkpoint_every: int = 2048  # images between saved shards (rounded to whole batches)
 
     def validate(self) -> None:
         if self.token_layer not in TOKEN_LAYERS:
@@ -118,49 +123,133 @@ def preprocess_attrs(preprocess_cfg: Dict) -> Dict:
     }
 
 
+@dataclass(frozen=True)
+class Workers:
+    """This process's place among the extraction processes (``torchrun``), or alone."""
+
+    rank: int = 0
+    world: int = 1
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def shard_size(options: ExtractOptions) -> int:
+    """Images a checkpoint shard holds: whole batches, so batch boundaries never move."""
+    return max(1, options.checkpoint_every // options.batch_size) * options.batch_size
+
+
+def work_fingerprint(split: str, root: Path, paths: Sequence[str], base_attrs: Dict, options: ExtractOptions,
+                     precision: str, device: torch.device) -> str:
+    """What the shards of a split depend on: resuming never mixes in shards of other inputs."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({
+        "split": split, "root": str(root), "attrs": base_attrs, "batch_size": options.batch_size,
+        "tokens": options.tokens, "token_layer": options.token_layer, "dtype": options.dtype,
+        "shard": shard_size(options), "precision": precision, "device": device.type,
+    }, sort_keys=True, default=str).encode())
+    for path in paths:
+        digest.update(path.encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def _save_shard(path: Path, pooled: np.ndarray, tokens: Optional[np.ndarray]) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    with open(partial, "wb") as fh:
+        arrays = {"pooled": pooled} if tokens is None else {"pooled": pooled, "tokens": tokens}
+        np.savez(fh, **arrays)
+    os.replace(partial, path)
+
+
+def _extract_shard(model, tap: Optional["TokenTap"], dataset: Dataset, rows: range, options: ExtractOptions,
+                   device: torch.device, precision: str, progress) -> tuple:
+    loader = DataLoader(Subset(dataset, rows), batch_size=options.batch_size, shuffle=False,
+                        **data_loader_kwargs(device, options.workers))
+    dtype = store.DTYPES[options.dtype]
+    pooled_parts, token_parts = [], []
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        with autocast(device, precision):
+            pooled = model.encode_image(images)
+        pooled_parts.append(pooled.float().cpu().numpy().astype(dtype))
+        if tap is not None:
+            token_parts.append(tap.tokens.float().cpu().numpy().astype(dtype))
+        progress.update(len(images))
+    return np.concatenate(pooled_parts), (np.concatenate(token_parts) if tap is not None else None)
+
+
 def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: Path, options: ExtractOptions,
-                  device: torch.device, precision: str, base_attrs: Dict) -> Dict:
+                  device: torch.device, precision: str, base_attrs: Dict, work_root: Path,
+                  workers: Workers = Workers()) -> Dict:
+    """Extract one split in checkpointed shards, then assemble its HDF5 file in one pass.
+
+    Shards are saved atomically under ``work_root``; a killed run resumes from the
+    shards it finished, and the assembled file is byte-identical to an uninterrupted
+    run's. Under ``torchrun`` each process takes every ``world``-th shard and rank 0
+    assembles.
+    """
     rows = prepared.split(split)
     paths: List[str] = rows["path"].tolist()
     labels = prepared.label_array(split)
     dataset = ImageFiles(prepared.root, paths, preprocess)
-    loader = DataLoader(dataset, batch_size=options.batch_size, shuffle=False,
-                        **data_loader_kwargs(device, options.workers))
+    per_shard = shard_size(options)
+    num_shards = max(1, math.ceil(len(paths) / per_shard))
+    fingerprint = work_fingerprint(split, prepared.root, paths, base_attrs, options, precision, device)
+    work = Path(work_root) / f"{split}-{fingerprint}"
+    work.mkdir(parents=True, exist_ok=True)
+    shard_path = [work / f"{k:05d}.npz" for k in range(num_shards)]
+    mine = [k for k in range(num_shards) if k % workers.world == workers.rank]
+    todo = [k for k in mine if not shard_path[k].exists()]
+    resumed = sum(min(per_shard, len(paths) - k * per_shard) for k in mine if k not in todo)
     tap = TokenTap(model.visual, options.token_layer) if options.tokens else None
-    writer = None
     started = time.perf_counter()
     try:
-        with torch.inference_mode(), tqdm(total=len(dataset), desc=f"extract {split}", unit="img",
-                                          mininterval=2.0) as progress:
-            for images, index in loader:
-                images = images.to(device, non_blocking=True)
-                with autocast(device, precision):
-                    pooled = model.encode_image(images)
-                pooled_np = pooled.float().cpu().numpy()
-                tokens_np = tap.tokens.float().cpu().numpy() if tap is not None else None
-                if writer is None:
-                    attrs = dict(base_attrs, split=split,
-                                 token_layer=(options.token_layer if tap and tap.kind == "vit" else
-                                              ("resnet_layer4" if tap else "none")))
-                    writer = store.SplitWriter(
-                        out_path, len(dataset), pooled_np.shape[1],
-                        tokens_np.shape[1:] if tokens_np is not None else None,
-                        labels.shape[1:], labels.dtype, options.dtype, attrs)
-                idx = index.numpy()
-                start = int(idx[0])
-                writer.write(start, pooled_np, tokens_np, labels[idx], [paths[i] for i in idx])
-                progress.update(len(idx))
+        with torch.inference_mode(), tqdm(total=sum(min(per_shard, len(paths) - k * per_shard) for k in mine),
+                                          initial=resumed, desc=f"extract {split}", unit="img",
+                                          mininterval=2.0, disable=workers.rank > 0) as progress:
+            for k in todo:
+                block = range(k * per_shard, min((k + 1) * per_shard, len(paths)))
+                pooled, tokens = _extract_shard(model, tap, dataset, block, options, device, precision, progress)
+                _save_shard(shard_path[k], pooled, tokens)
+    finally:
+        if tap is not None:
+            tap.remove()
+    seconds = time.perf_counter() - started
+    workers.barrier()
+    if workers.rank == 0:
+        _assemble(shard_path, per_shard, out_path, labels, paths, options, dict(
+            base_attrs, split=split, token_layer=_token_layer_attr(model.visual, options)))
+        shutil.rmtree(work, ignore_errors=True)
+    workers.barrier()
+    computed = len(paths) - resumed if workers.world == 1 else None
+    return {"images": len(paths), "resumed_images": resumed, "seconds": round(seconds, 3),
+            "images_per_second": round((computed or len(paths)) / max(seconds, 1e-9), 1)}
+
+
+def _token_layer_attr(visual, options: ExtractOptions) -> str:
+    if not options.tokens:
+        return "none"
+    return options.token_layer if hasattr(visual, "transformer") else "resnet_layer4"
+
+
+def _assemble(shards: List[Path], per_shard: int, out_path: Path, labels: np.ndarray, paths: List[str],
+              options: ExtractOptions, attrs: Dict) -> None:
+    writer = None
+    try:
+        for k, shard in enumerate(shards):
+            with np.load(shard) as data:
+                pooled = data["pooled"]
+                tokens = data["tokens"] if "tokens" in data else None
+            if writer is None:
+                writer = store.SplitWriter(out_path, pooled.shape[1], tokens.shape[1:] if tokens is not None else None,
+                                           labels, paths, options.dtype, attrs)
+            writer.write(k * per_shard, pooled, tokens)
         writer.commit()
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    finally:
-        if tap is not None:
-            tap.remove()
-    seconds = time.perf_counter() - started
-    return {"images": len(dataset), "seconds": round(seconds, 3),
-            "images_per_second": round(len(dataset) / max(seconds, 1e-9), 1)}
 
 
 def templates_for(name: str) -> List:
@@ -190,9 +279,13 @@ def extract_text(model, tokenizer, prompts: Sequence[str], template_set: str, ou
 
 
 def run(prepared: Prepared, weights: models.ResolvedWeights, options: ExtractOptions, out_dir: Path,
-        device: torch.device, precision: str) -> Dict:
+        device: torch.device, precision: str, work_root: Optional[Path] = None,
+        workers: Workers = Workers()) -> Dict:
+    """Extract every split and the class text embeddings. Shards go to ``work_root``
+    (default: ``partial/`` beside ``out_dir``), which must outlive a failed run."""
     options.validate()
     out_dir = Path(out_dir)
+    work_root = Path(work_root) if work_root is not None else out_dir.parent / "partial"
     model, preprocess, tokenizer = models.load(weights, device)
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
     base_attrs = dict(
@@ -203,9 +296,10 @@ def run(prepared: Prepared, weights: models.ResolvedWeights, options: ExtractOpt
     report = {}
     for split in ("train", "val", "test"):
         report[split] = extract_split(model, preprocess, prepared, split, out_dir / f"{split}.h5",
-                                      options, device, precision, base_attrs)
-    extract_text(model, tokenizer, prepared.classes["prompt"].tolist(), options.templates,
-                 out_dir / "text.h5", device, precision, base_attrs)
+                                      options, device, precision, base_attrs, work_root, workers)
+    if workers.rank == 0:
+        extract_text(model, tokenizer, prepared.classes["prompt"].tolist(), options.templates,
+                     out_dir / "text.h5", device, precision, base_attrs)
     return report
 
 
@@ -218,19 +312,39 @@ def options_from_params(params: Params) -> ExtractOptions:
         token_layer=section.str("token_layer", choices=TOKEN_LAYERS),
         templates=section.str("templates", choices=TEMPLATE_SETS),
         dtype=section.str("dtype", choices=tuple(store.DTYPES)),
+        checkpoint_every=section.int("checkpoint_every", minimum=1),
     )
     options.validate()
     return options
 
 
+def distributed_workers(device_name: str):
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group, one device per process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Workers(), resolve_device(device_name)
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Workers(torch.distributed.get_rank(), world), device
+
+
 def run_stage(params: Params) -> Dict:
     """The `extract` stage: image features of every split and class-name text embeddings."""
     options = options_from_params(params)
-    device = resolve_device(params.str("model.device"))
-    precision = resolve_precision(params.str("model.precision"), device)
+    precision_name = params.str("model.precision")
     weights = models.ResolvedWeights.load(paths.WEIGHTS_JSON)
     prepared = manifest.load(paths.PREPARED_DIR)
-    report = run(prepared, weights, options, paths.FEATURES_DIR, device, precision)
+    workers, device = distributed_workers(params.str("model.device"))
+    precision = resolve_precision(precision_name, device)
+    report = run(prepared, weights, options, paths.FEATURES_DIR, device, precision, paths.PARTIAL_DIR, workers)
+    if workers.world > 1:
+        torch.distributed.destroy_process_group()
+    if workers.rank > 0:
+        return report
     paths.EXTRACT_REPORT.parent.mkdir(parents=True, exist_ok=True)
     paths.EXTRACT_REPORT.write_text(json.dumps(report, indent=2) + "\n")
     for split, row in report.items():

@@ -29,10 +29,17 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 class SplitWriter:
-    """Writes one split file in slices; renames it into place on :meth:`commit`."""
+    """Writes one split file: labels and paths at once, features in slices; renames it
+    into place on :meth:`commit`.
 
-    def __init__(self, path: Path, num: int, pooled_dim: int, token_shape: Optional[Tuple[int, int]],
-                 label_shape: Tuple[int, ...], label_dtype, dtype: str, attrs: Dict):
+    Variable-length strings written in several slices would land in HDF5's global heap
+    in a layout that depends on the slicing; written once, the file's bytes depend only
+    on its contents.
+    """
+
+    def __init__(self, path: Path, pooled_dim: int, token_shape: Optional[Tuple[int, int]],
+                 labels: np.ndarray, paths: Sequence[str], dtype: str, attrs: Dict):
+        num = len(paths)
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,21 +48,18 @@ class SplitWriter:
         self.file.create_dataset("pooled", shape=(num, pooled_dim), dtype=self.dtype)
         if token_shape is not None:
             self.file.create_dataset("tokens", shape=(num,) + tuple(token_shape), dtype=self.dtype)
-        self.file.create_dataset("labels", shape=(num,) + tuple(label_shape), dtype=label_dtype)
-        self.file.create_dataset("paths", shape=(num,), dtype=h5py.string_dtype())
+        self.file.create_dataset("labels", data=labels)
+        self.file.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype())
         for key, value in attrs.items():
             self.file.attrs[key] = _attr(value)
         self.file.attrs["dtype"] = dtype
         self.file.attrs["complete"] = False
 
-    def write(self, start: int, pooled: np.ndarray, tokens: Optional[np.ndarray], labels: np.ndarray,
-              paths: Sequence[str]) -> None:
+    def write(self, start: int, pooled: np.ndarray, tokens: Optional[np.ndarray]) -> None:
         stop = start + len(pooled)
         self.file["pooled"][start:stop] = pooled.astype(self.dtype)
         if tokens is not None:
             self.file["tokens"][start:stop] = tokens.astype(self.dtype)
-        self.file["labels"][start:stop] = labels
-        self.file["paths"][start:stop] = list(paths)
 
     def commit(self) -> None:
         self.file.attrs["complete"] = True
