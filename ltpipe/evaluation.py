@@ -86,7 +86,7 @@ def run_evaluate(params: Params) -> Dict:
     device = resolve_device(params.str("model.device"))
     head, run = load_checkpoint(paths.HEAD_CHECKPOINT)
     head.to(device)
-    test = SplitFeatures(paths.FEATURES_DIR / "test.h5", load_tokens=head.input == "tokens")
+    test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
     check_features(test, prepared)
     logits = predict(head, FeatureInput(test, head.input, device))
     return write_metrics(logits, test.labels, prepared, run_fields(run, prepared, test), "eval")

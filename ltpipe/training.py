@@ -144,7 +144,7 @@ def run_stage(params: Params, logger=None) -> Dict:
     multilabel = check_task(params, prepared)
     task = "multi" if multilabel else "single"
     head_name = params.str("head")
-    head_cls = heads.HEADS.get(head_name)
+    heads.HEADS.get(head_name)  # an unknown head fails here, before any feature is read
     loss_name = params.str("loss")
     losses.check(loss_name, task)
     sampler_name = params.str("sampler")
@@ -155,9 +155,8 @@ def run_stage(params: Params, logger=None) -> Dict:
     device = resolve_device(params.str("model.device"))
 
     seed_everything(seed)
-    load_tokens = head_cls.input == "tokens"
-    train_feats = SplitFeatures(paths.FEATURES_DIR / "train.h5", load_tokens=load_tokens)
-    val_feats = SplitFeatures(paths.FEATURES_DIR / "val.h5", load_tokens=load_tokens)
+    train_feats = SplitFeatures(paths.FEATURES_DIR / "train.h5")
+    val_feats = SplitFeatures(paths.FEATURES_DIR / "val.h5")
     check_features(train_feats, prepared)
     text = TextFeatures(paths.FEATURES_DIR / "text.h5")
     ctx = heads.HeadContext(prepared.num_classes, train_feats.pooled.shape[1], train_feats.token_shape,

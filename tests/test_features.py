@@ -177,3 +177,15 @@ def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path, tiny_source
     assert message.startswith("cannot read image") and message.endswith("then re-run extraction.")
     assert not (tmp_path / "out" / "val.h5").exists()
     assert (tmp_path / "out" / "train.h5").exists()  # splits finished before the error are kept
+
+
+def test_token_reads_go_through_a_memory_map(tiny_features):
+    features = SplitFeatures(tiny_features / "train.h5")
+    assert isinstance(features._tokens, np.memmap)
+    index = np.array([7, 2, 99, 2, 0])  # unsorted, with a repeat
+    with h5py.File(tiny_features / "train.h5", "r") as fh:
+        expected = np.stack([fh["tokens"][i] for i in index]).astype(np.float32)
+    np.testing.assert_array_equal(features.tokens(index), expected)
+    in_memory = SplitFeatures(tiny_features / "train.h5", load_tokens=True)
+    assert not isinstance(in_memory._tokens, np.memmap)
+    np.testing.assert_array_equal(in_memory.tokens(index), expected)
