@@ -107,7 +107,8 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
         order = sampler(members, len(train_data), seed, epoch)
         total, seen = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
-            index = order[start:start + cfg.batch_size]
+            # A batch is a set (the loss is its mean); sorted rows read the feature cache forwards.
+            index = np.sort(order[start:start + cfg.batch_size])
             logits = head(train_data.batch(index))
             loss = loss_fn(logits, target[torch.from_numpy(index)].to(device))
             if not torch.isfinite(loss):

@@ -1,0 +1,169 @@
+"""Benchmark: the feature store (issue 4).
+
+1. Extraction throughput: the extract stage's path (DataLoader with workers, batches,
+   inference mode) against a naive loop (one image at a time: open, preprocess,
+   encode), same images and model, side by side; on the embedded default and on a
+   sample of the real CIFAR-10-LT JPEGs in ../shared.
+2. Bytes on disk per image for pooled and token features.
+3. Time to draw a random minibatch of 256 token grids of ViT-B/32 shape (50 x 768,
+   float16) from a cache whose pages are dropped from the page cache before every
+   draw (posix_fadvise DONTNEED: a cache larger than memory, without writing 30 GB):
+   memory map (what ltpipe uses) against h5py per-row reads and h5py fancy indexing.
+
+Run: .venv/bin/python bench/features.py   (about two minutes on 2 cores)
+"""
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+
+from ltpipe.data.manifest import DatasetSource, build
+from ltpipe.data.synthetic import SyntheticSpec, generate
+from ltpipe.features import extract, models
+from ltpipe.features.store import SplitFeatures
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-lt"
+
+
+def naive_loop(model, preprocess, root, paths):
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for rel in paths:
+            with Image.open(root / rel) as image:
+                x = preprocess(image.convert("RGB")).unsqueeze(0)
+            model.encode_image(x)
+    return time.perf_counter() - start
+
+
+def compare_extraction(label, prepared, weights, work):
+    model, preprocess, _ = models.load(weights, torch.device("cpu"))
+    paths = prepared.split("train")["path"].tolist()
+    naive = naive_loop(model, preprocess, prepared.root, paths)
+    options = extract.ExtractOptions(batch_size=64, workers=2, tokens=True)
+    start = time.perf_counter()
+    extract.extract_split(model, preprocess, prepared, "train", work / f"{label}.h5", options, torch.device("cpu"),
+                          "fp32", {}, work / "partial")
+    staged = time.perf_counter() - start
+    n = len(paths)
+    print(f"extraction, {label} ({n:,} images, ltpipe-tiny, 64 px): naive loop {n / naive:,.0f} img/s, "
+          f"extract stage {n / staged:,.0f} img/s (pooled + tokens, written to HDF5); ratio x{naive / staged:.2f}")
+    with h5py.File(work / f"{label}.h5", "r") as fh:
+        pooled = fh["pooled"].nbytes / n
+        tokens = fh["tokens"].nbytes / n
+    size = os.path.getsize(work / f"{label}.h5") / n
+    print(f"bytes per image: pooled {pooled:,.0f} B {fh_shape(work / f'{label}.h5', 'pooled')}, "
+          f"tokens {tokens:,.0f} B {fh_shape(work / f'{label}.h5', 'tokens')}, file {size:,.0f} B")
+
+
+def fh_shape(path, name):
+    with h5py.File(path, "r") as fh:
+        return f"{list(fh[name].shape[1:])} {fh[name].dtype}"
+
+
+def drop_cache(path):
+    with open(path, "rb") as fh:
+        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def compare_token_reads(work, rows=8000, draws=20):
+    path = work / "tokens.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("tokens", data=rng.standard_normal((rows, 50, 768), dtype=np.float32).astype(np.float16))
+        fh.create_dataset("pooled", data=np.zeros((rows, 4), np.float16))
+        fh.create_dataset("labels", data=np.zeros(rows, np.int64))
+        fh.create_dataset("paths", data=["x"] * rows, dtype=h5py.string_dtype())
+        fh.attrs["complete"] = True
+    os.sync()
+    mb = os.path.getsize(path) / 2**20
+    with h5py.File(path, "r") as fh:
+        offset, shape, dtype = fh["tokens"].id.get_offset(), fh["tokens"].shape, fh["tokens"].dtype
+    batches = [rng.choice(rows, 256, replace=False) for _ in range(draws)]
+
+    def memmap(index):
+        # A fresh mapping each draw: pages still mapped in this process would survive the cache drop.
+        mapped = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+        out = np.array(mapped[np.sort(index)])
+        del mapped
+        return out
+
+    row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+
+    def pread_rows(index):
+        out = np.empty((len(index),) + tuple(shape[1:]), dtype=dtype)
+        view = out.reshape(len(index), -1).view(np.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for j, i in enumerate(np.sort(index)):
+                view[j] = np.frombuffer(os.pread(fd, row_bytes, offset + int(i) * row_bytes), dtype=np.uint8)
+        finally:
+            os.close(fd)
+        return out
+
+    features = SplitFeatures(path)  # one reader, as training uses it; an open handle maps no pages
+
+    def ltpipe_reader(index):
+        return features.tokens(np.sort(index))  # as the training loop asks: a sorted batch, float32 out
+
+    def per_row(index):
+        with h5py.File(path, "r") as fh:
+            return np.stack([fh["tokens"][int(i)] for i in np.sort(index)])
+
+    def fancy(index):
+        with h5py.File(path, "r") as fh:
+            return fh["tokens"][np.sort(index)]
+
+    results = {}
+    readers = (("memory map", memmap), ("pread per row", pread_rows), ("h5py per-row", per_row),
+               ("h5py fancy index", fancy),
+               ("ltpipe SplitFeatures", ltpipe_reader))
+    for name, read in readers:
+        cold = []
+        for index in batches:
+            drop_cache(path)
+            start = time.perf_counter()
+            read(index)
+            cold.append(time.perf_counter() - start)
+        warm_start = time.perf_counter()
+        for index in batches:
+            read(index)
+        results[name] = (np.median(cold) * 1000, (time.perf_counter() - warm_start) / draws * 1000)
+    features.close()
+    print(f"random minibatch of 256 token grids (50x768 fp16) from a {mb:,.0f} MiB contiguous cache, "
+          f"median of {draws}:")
+    base = results["memory map"][0]
+    for name, (cold, warm) in results.items():
+        print(f"  {name:18s} cold {cold:7.1f} ms  warm {warm:6.1f} ms  (cold vs memory map x{cold / base:.2f})")
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        weights = models.resolve("ltpipe-tiny", None, work / "weights", 0)
+        lists = generate(SyntheticSpec(), work / "synthetic")
+        synthetic = build(DatasetSource("synthetic", work / "synthetic",
+                                        {s: work / "synthetic" / lists[s] for s in ("train", "val", "test")},
+                                        work / "synthetic" / lists["classnames"], False))
+        compare_extraction("embedded default", synthetic, weights, work)
+        if CIFAR.is_dir():
+            sample = work / "cifar_train.txt"
+            lines = (CIFAR / "CIFAR10_LT_train.txt").read_text().splitlines()
+            sample.write_text("\n".join(lines[::6]) + "\n")  # every 6th image: 2,068 of 12,406
+            cifar = build(DatasetSource("custom", CIFAR / "images",
+                                        {"train": sample, "val": None, "test": CIFAR / "CIFAR10_LT_test.txt"},
+                                        CIFAR / "classnames.txt", False))
+            compare_extraction("CIFAR-10-LT sample", cifar, weights, work)
+        else:
+            print(f"CIFAR-10-LT: skipped, {CIFAR} is absent")
+        compare_token_reads(work)
+
+
+if __name__ == "__main__":
+    main()
