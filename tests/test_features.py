@@ -1,4 +1,5 @@
 import hashlib
+import json
 import time
 
 import h5py
@@ -189,3 +190,24 @@ def test_token_reads_match_the_file_rows_in_the_order_asked(tiny_features):
     features.close()
     in_memory = SplitFeatures(tiny_features / "train.h5", load_tokens=True)
     np.testing.assert_array_equal(in_memory.tokens(index), expected)
+
+
+def test_resnet_tokens_are_the_last_stage_grid(tmp_path):
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8,
+                                              "patch_size": None},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "tiny-rn-test.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "tiny-rn-test.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-rn-test").eval()
+    tap = extract.TokenTap(model.visual, "pre_ln")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        model.encode_image(images)
+        visual = model.visual
+        grid = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(images)))))
+    assert tap.kind == "resnet"
+    assert tap.tokens.shape == (2, grid.shape[2] * grid.shape[3], grid.shape[1])  # [N, H*W, C]
+    torch.testing.assert_close(tap.tokens, grid.flatten(2).transpose(1, 2))
+    assert extract._token_layer_attr(model.visual, extract.ExtractOptions()) == "resnet_layer4"
+    tap.remove()
