@@ -38,6 +38,17 @@ def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return result
 
 
+def small_params(overrides=SMALL) -> dict:
+    """The repository's params.yaml with the small-test overrides applied."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, values in overrides.items():
+        node = params
+        for part in dotted.split("."):
+            node = node[part]
+        node.update(values)
+    return params
+
+
 def make(path: Path, overrides=SMALL) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
@@ -46,13 +57,7 @@ def make(path: Path, overrides=SMALL) -> Path:
             shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         else:
             shutil.copy2(src, path / name)
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    for dotted, values in overrides.items():
-        node = params
-        for part in dotted.split("."):
-            node = node[part]
-        node.update(values)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / "params.yaml").write_text(yaml.safe_dump(small_params(overrides), sort_keys=False))
     run(path, "git", "init", "-q", "-b", "main")
     run(path, "git", "config", "user.name", "ltpipe tests")
     run(path, "git", "config", "user.email", "tests@ltpipe.invalid")

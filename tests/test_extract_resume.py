@@ -16,7 +16,7 @@ import yaml
 from ltpipe.data.manifest import save
 from ltpipe.features import extract
 from tests.conftest import REPO, make_source
-from tests.dvc_repo import SMALL, env
+from tests.dvc_repo import env, small_params
 
 
 def sha(path):
@@ -64,8 +64,8 @@ def test_shards_of_other_inputs_are_never_reused(tmp_path, tiny_prepared, tiny_w
 def project(tmp_path, tiny_weights, prepared, **extract_params):
     """A working directory holding what the extract stage reads."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["extract"].update(SMALL["extract"], **extract_params)
+    params = small_params()
+    params["extract"].update(extract_params)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data/weights").mkdir(parents=True)
     shutil.copy(tiny_weights.checkpoint, tmp_path / "data/weights/w.pt")

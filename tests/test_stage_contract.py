@@ -80,15 +80,9 @@ def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch):
     import importlib
 
     from ltpipe.config import Params
-    from tests.dvc_repo import SMALL
+    from tests.dvc_repo import small_params
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, values in SMALL.items():
-        node = params
-        for part in dotted.split("."):
-            node = node[part]
-        node.update(values)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
     monkeypatch.chdir(tmp_path)
 
     reads = []
