@@ -25,6 +25,13 @@ class FeatureInput:
     def __len__(self) -> int:
         return len(self.features)
 
+    @property
+    def labels(self) -> np.ndarray:
+        return self.features.labels
+
+    def set_epoch(self, epoch: int) -> None:
+        """Inputs that change with the epoch (augmented views) override this."""
+
     def batch(self, index: np.ndarray) -> torch.Tensor:
         if self._pooled is not None:
             x = self._pooled[torch.from_numpy(np.asarray(index, dtype=np.int64))]
@@ -41,3 +48,29 @@ def predict(head: nn.Module, data: FeatureInput, batch_size: int = 1024) -> np.n
         index = np.arange(start, min(start + batch_size, len(data)))
         out.append(head(data.batch(index)).float().cpu())
     return torch.cat(out).numpy()
+
+
+class ViewInput(FeatureInput):
+    """Training input over ``train_views.h5``: each epoch, every image is seen through one
+    of its ``views`` cached augmentations, drawn from ``(seed, epoch)``."""
+
+    def __init__(self, features: SplitFeatures, kind: str, device: torch.device, views: int, seed: int):
+        super().__init__(features, kind, device)
+        self.views = views
+        self.seed = seed
+        self.count = len(features) // views
+        self._choice = np.zeros(self.count, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.features.labels[:: self.views]
+
+    def set_epoch(self, epoch: int) -> None:
+        self._choice = np.random.default_rng([self.seed, epoch, 7]).integers(0, self.views, self.count)
+
+    def batch(self, index: np.ndarray) -> torch.Tensor:
+        index = np.asarray(index, dtype=np.int64)
+        return super().batch(index * self.views + self._choice[index])

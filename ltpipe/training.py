@@ -21,7 +21,7 @@ from ltpipe.data import manifest
 from ltpipe.errors import TrainingError
 from ltpipe.evaluation import check_features, check_task
 from ltpipe.features.store import SplitFeatures, TextFeatures
-from ltpipe.inference import FeatureInput, predict
+from ltpipe.inference import FeatureInput, ViewInput, predict
 from ltpipe.runtime import resolve_device, seed_everything
 from ltpipe.samplers import SAMPLERS, class_members
 
@@ -93,7 +93,7 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
           device: torch.device, logger=None) -> TrainResult:
     head.to(device)
     loss_fn.to(device)
-    labels = train_data.features.labels
+    labels = train_data.labels
     members = class_members(labels, num_classes)
     target = torch.from_numpy(labels.astype(np.float32) if multilabel else labels.astype(np.int64))
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
@@ -104,6 +104,7 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     history = []
     for epoch in range(cfg.epochs):
         head.train()
+        train_data.set_epoch(epoch)
         order = sampler(members, len(train_data), seed, epoch)
         total, seen = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
@@ -167,7 +168,15 @@ def run_stage(params: Params, logger=None) -> Dict:
     loss_fn = losses.build(loss_name, task, _optional_section(params, f"losses.{loss_name}"),
                            prepared.classes["train_count"].to_numpy())
     started = time.perf_counter()
-    result = train(head, loss_fn, sampler, FeatureInput(train_feats, head.input, device),
+    train_input = FeatureInput(train_feats, head.input, device)
+    views_path = paths.FEATURES_DIR / "train_views.h5"
+    if views_path.exists():
+        # Augmented views were cached (`extract.views`): train on them, one view per image per epoch.
+        views = SplitFeatures(views_path)
+        check_features(views, prepared)
+        train_input = ViewInput(views, head.input, device, int(views.attrs["views"]), seed)
+        print(f"training on {train_input.views} cached augmented views per image")
+    result = train(head, loss_fn, sampler, train_input,
                    FeatureInput(val_feats, head.input, device), val_feats.labels, cfg, seed, multilabel,
                    prepared.num_classes, device, logger)
     seconds = time.perf_counter() - started

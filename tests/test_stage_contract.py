@@ -76,13 +76,16 @@ def declared(stage: str, key: str) -> bool:
                for p in STAGES[stage].get("params", []))
 
 
-def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch):
+@pytest.mark.parametrize("views", [0, 2])
+def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch, capsys, views):
     import importlib
 
     from ltpipe.config import Params
     from tests.dvc_repo import small_params
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(small_params()))
+    params = small_params()
+    params["extract"]["views"] = views
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
 
     reads = []
@@ -99,3 +102,5 @@ def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch):
         assert reads, f"stage {stage} read no parameter"
         undeclared = sorted({key for key in reads if not declared(stage, key)})
         assert not undeclared, f"stage {stage} reads {undeclared} without declaring them in dvc.yaml"
+    trained_on_views = "training on 2 cached augmented views per image" in capsys.readouterr().out
+    assert trained_on_views == (views == 2)

@@ -50,6 +50,8 @@ class ExtractOptions:
     templates: str = "single"
     dtype: str = "float16"
     checkpoint_every: int = 2048  # images between saved shards (rounded to whole batches)
+    views: int = 0  # augmented views of each training image, in train_views.h5 (0: none)
+    view_seed: int = 0
 
     def validate(self) -> None:
         if self.token_layer not in TOKEN_LAYERS:
@@ -69,16 +71,73 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
+    def load(self, index: int) -> Image.Image:
         path = self.root / self.paths[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                return image.convert("RGB")
         except (OSError, ValueError) as exc:
             raise DataError(
                 f"cannot read image {path}: {exc}. Replace or remove the file, then re-run extraction."
             ) from None
-        return self.transform(image), index
+
+    def __getitem__(self, index: int):
+        return self.transform(self.load(index)), index
+
+
+def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale=(0.08, 1.0),
+                            ratio=(3 / 4, 4 / 3)):
+    """``(top, left, h, w)`` by torchvision's RandomResizedCrop algorithm, drawn from ``rng``."""
+    area = width * height
+    log_ratio = np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class AugmentedViews(Dataset):
+    """``views`` augmented copies of each image: random resized crop (scale 0.08-1, as
+    Imbalance-VLM's training) and horizontal flip, at the model's input size and
+    normalisation. Item ``j`` is view ``j % views`` of image ``j // views``; its
+    randomness comes from ``(seed, image, view)`` alone, so it does not depend on
+    batch size, workers or resumption."""
+
+    def __init__(self, files: ImageFiles, views: int, size: int, mean, std, seed: int):
+        self.files = files
+        self.views = views
+        self.size = size
+        self.mean = list(mean)
+        self.std = list(std)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.files) * self.views
+
+    def __getitem__(self, index: int):
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        image_index, view = divmod(index, self.views)
+        image = self.files.load(image_index)
+        rng = np.random.default_rng([self.seed, image_index, view])
+        top, left, h, w = random_resized_crop_box(rng, image.width, image.height)
+        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size],
+                                interpolation=InterpolationMode.BICUBIC, antialias=True)
+        if rng.random() < 0.5:
+            image = TF.hflip(image)
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std), index
 
 
 class TokenTap:
@@ -182,21 +241,29 @@ def _extract_shard(model, tap: Optional["TokenTap"], dataset: Dataset, rows: ran
 def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: Path, options: ExtractOptions,
                   device: torch.device, precision: str, base_attrs: Dict, work_root: Path,
                   workers: Workers = Workers()) -> Dict:
-    """Extract one split in checkpointed shards, then assemble its HDF5 file in one pass.
+    """Extract one split of the manifest (see :func:`extract_rows`)."""
+    rows = prepared.split(split)
+    paths: List[str] = rows["path"].tolist()
+    dataset = ImageFiles(prepared.root, paths, preprocess)
+    return extract_rows(model, dataset, split, prepared.root, paths, prepared.label_array(split), out_path,
+                        options, device, precision, dict(base_attrs, split=split), work_root, workers)
+
+
+def extract_rows(model, dataset: Dataset, name: str, root: Path, paths: List[str], labels: np.ndarray,
+                 out_path: Path, options: ExtractOptions, device: torch.device, precision: str, attrs: Dict,
+                 work_root: Path, workers: Workers = Workers()) -> Dict:
+    """Extract ``dataset`` (one row per item) in checkpointed shards, then assemble the
+    HDF5 file in one pass.
 
     Shards are saved atomically under ``work_root``; a killed run resumes from the
     shards it finished, and the assembled file is byte-identical to an uninterrupted
     run's. Under ``torchrun`` each process takes every ``world``-th shard and rank 0
     assembles.
     """
-    rows = prepared.split(split)
-    paths: List[str] = rows["path"].tolist()
-    labels = prepared.label_array(split)
-    dataset = ImageFiles(prepared.root, paths, preprocess)
     per_shard = shard_size(options)
     num_shards = max(1, math.ceil(len(paths) / per_shard))
-    fingerprint = work_fingerprint(split, prepared.root, paths, base_attrs, options, precision, device)
-    work = Path(work_root) / f"{split}-{fingerprint}"
+    fingerprint = work_fingerprint(name, root, paths, attrs, options, precision, device)
+    work = Path(work_root) / f"{name}-{fingerprint}"
     work.mkdir(parents=True, exist_ok=True)
     shard_path = [work / f"{k:05d}.npz" for k in range(num_shards)]
     mine = [k for k in range(num_shards) if k % workers.world == workers.rank]
@@ -206,7 +273,7 @@ def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: P
     started = time.perf_counter()
     try:
         with torch.inference_mode(), tqdm(total=sum(min(per_shard, len(paths) - k * per_shard) for k in mine),
-                                          initial=resumed, desc=f"extract {split}", unit="img",
+                                          initial=resumed, desc=f"extract {name}", unit="img",
                                           mininterval=2.0, disable=workers.rank > 0) as progress:
             for k in todo:
                 block = range(k * per_shard, min((k + 1) * per_shard, len(paths)))
@@ -218,13 +285,30 @@ def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: P
     seconds = time.perf_counter() - started
     workers.barrier()
     if workers.rank == 0:
-        _assemble(shard_path, per_shard, out_path, labels, paths, options, dict(
-            base_attrs, split=split, token_layer=_token_layer_attr(model.visual, options)))
+        _assemble(shard_path, per_shard, out_path, labels, paths, options,
+                  dict(attrs, token_layer=_token_layer_attr(model.visual, options)))
         shutil.rmtree(work, ignore_errors=True)
     workers.barrier()
     computed = len(paths) - resumed if workers.world == 1 else None
     return {"images": len(paths), "resumed_images": resumed, "seconds": round(seconds, 3),
             "images_per_second": round((computed or len(paths)) / max(seconds, 1e-9), 1)}
+
+
+def extract_views(model, prepared: Prepared, out_path: Path, options: ExtractOptions, device: torch.device,
+                  precision: str, base_attrs: Dict, work_root: Path, workers: Workers = Workers()) -> Dict:
+    """``options.views`` augmented views of every training image, as rows ``i * K + v``."""
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = int(np.atleast_1d(cfg.get("size", 224))[0])
+    rows = prepared.split("train")
+    paths: List[str] = rows["path"].tolist()
+    files = ImageFiles(prepared.root, paths, None)
+    views = AugmentedViews(files, options.views, size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3),
+                           options.view_seed)
+    k = options.views
+    return extract_rows(model, views, "train_views", prepared.root, [p for p in paths for _ in range(k)],
+                        np.repeat(prepared.label_array("train"), k, axis=0), out_path, options, device, precision,
+                        dict(base_attrs, split="train", views=k, view_seed=options.view_seed,
+                             augmentation="random_resized_crop(0.08-1)+hflip"), work_root, workers)
 
 
 def _token_layer_attr(visual, options: ExtractOptions) -> str:
@@ -297,6 +381,9 @@ def run(prepared: Prepared, weights: models.ResolvedWeights, options: ExtractOpt
     for split in ("train", "val", "test"):
         report[split] = extract_split(model, preprocess, prepared, split, out_dir / f"{split}.h5",
                                       options, device, precision, base_attrs, work_root, workers)
+    if options.views > 0:
+        report["train_views"] = extract_views(model, prepared, out_dir / "train_views.h5", options, device,
+                                              precision, base_attrs, work_root, workers)
     if workers.rank == 0:
         extract_text(model, tokenizer, prepared.classes["prompt"].tolist(), options.templates,
                      out_dir / "text.h5", device, precision, base_attrs)
@@ -313,6 +400,8 @@ def options_from_params(params: Params) -> ExtractOptions:
         templates=section.str("templates", choices=TEMPLATE_SETS),
         dtype=section.str("dtype", choices=tuple(store.DTYPES)),
         checkpoint_every=section.int("checkpoint_every", minimum=1),
+        views=section.int("views", minimum=0),
+        view_seed=section.int("view_seed", minimum=0),
     )
     options.validate()
     return options
