@@ -22,6 +22,9 @@ def test_crop_box_stays_inside_the_image():
             top, left, h, w = extract.random_resized_crop_box(rng, width, height)
             assert 0 <= top and 0 <= left and 0 < h and 0 < w
             assert top + h <= height and left + w <= width
+    for _ in range(200):  # the smallest crop honours the scale bound (up to rounding)
+        top, left, h, w = extract.random_resized_crop_box(rng, 64, 64, scale=(0.5, 1.0))
+        assert h * w >= 0.5 * 64 * 64 * 0.9
 
 
 def test_views_are_seeded_per_image_and_view(tiny_prepared):

@@ -52,6 +52,7 @@ class ExtractOptions:
     checkpoint_every: int = 2048  # images between saved shards (rounded to whole batches)
     views: int = 0  # augmented views of each training image, in train_views.h5 (0: none)
     view_seed: int = 0
+    view_min_scale: float = 0.08  # smallest crop area, as a share of the image (Imbalance-VLM: 0.08)
 
     def validate(self) -> None:
         if self.token_layer not in TOKEN_LAYERS:
@@ -108,14 +109,15 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, s
 
 
 class AugmentedViews(Dataset):
-    """``views`` augmented copies of each image: random resized crop (scale 0.08-1, as
-    Imbalance-VLM's training) and horizontal flip, at the model's input size and
-    normalisation. Item ``j`` is view ``j % views`` of image ``j // views``; its
+    """``views`` augmented copies of each image: random resized crop (area share
+    ``min_scale``-1; Imbalance-VLM trains with 0.08) and horizontal flip, at the model's
+    input size and normalisation. Item ``j`` is view ``j % views`` of image ``j // views``; its
     randomness comes from ``(seed, image, view)`` alone, so it does not depend on
     batch size, workers or resumption."""
 
-    def __init__(self, files: ImageFiles, views: int, size: int, mean, std, seed: int):
+    def __init__(self, files: ImageFiles, views: int, size: int, mean, std, seed: int, min_scale: float = 0.08):
         self.files = files
+        self.min_scale = min_scale
         self.views = views
         self.size = size
         self.mean = list(mean)
@@ -132,7 +134,7 @@ class AugmentedViews(Dataset):
         image_index, view = divmod(index, self.views)
         image = self.files.load(image_index)
         rng = np.random.default_rng([self.seed, image_index, view])
-        top, left, h, w = random_resized_crop_box(rng, image.width, image.height)
+        top, left, h, w = random_resized_crop_box(rng, image.width, image.height, scale=(self.min_scale, 1.0))
         image = TF.resized_crop(image, top, left, h, w, [self.size, self.size],
                                 interpolation=InterpolationMode.BICUBIC, antialias=True)
         if rng.random() < 0.5:
@@ -303,12 +305,13 @@ def extract_views(model, prepared: Prepared, out_path: Path, options: ExtractOpt
     paths: List[str] = rows["path"].tolist()
     files = ImageFiles(prepared.root, paths, None)
     views = AugmentedViews(files, options.views, size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3),
-                           options.view_seed)
+                           options.view_seed, options.view_min_scale)
     k = options.views
     return extract_rows(model, views, "train_views", prepared.root, [p for p in paths for _ in range(k)],
                         np.repeat(prepared.label_array("train"), k, axis=0), out_path, options, device, precision,
                         dict(base_attrs, split="train", views=k, view_seed=options.view_seed,
-                             augmentation="random_resized_crop(0.08-1)+hflip"), work_root, workers)
+                             augmentation=f"random_resized_crop({options.view_min_scale}-1)+hflip"),
+                        work_root, workers)
 
 
 def _token_layer_attr(visual, options: ExtractOptions) -> str:
@@ -402,6 +405,7 @@ def options_from_params(params: Params) -> ExtractOptions:
         checkpoint_every=section.int("checkpoint_every", minimum=1),
         views=section.int("views", minimum=0),
         view_seed=section.int("view_seed", minimum=0),
+        view_min_scale=section.float("view_min_scale", minimum=0, maximum=1, exclusive_minimum=True),
     )
     options.validate()
     return options
