@@ -143,6 +143,30 @@ def compare_token_reads(work, rows=8000, draws=20):
         print(f"  {name:18s} cold {cold:7.1f} ms  warm {warm:6.1f} ms  (cold vs memory map x{cold / base:.2f})")
 
 
+COCO_MINI = REPO.parent / "shared" / "datasets" / "coco-lt-mini"
+
+
+def compare_draft(weights, work):
+    """Draft-mode decoding on real COCO JPEGs (about 640x480), tiny model (64 px input)."""
+    if not COCO_MINI.is_dir():
+        print(f"draft mode: skipped, {COCO_MINI} is absent")
+        return
+    model, preprocess, _ = models.load(weights, torch.device("cpu"))
+    paths = [line.split()[0] for line in (COCO_MINI / "coco_lt_mini.txt").read_text().splitlines()]
+    times = {}
+    for draft in (False, True, False, True):  # alternate, keep the second of each
+        files = extract.ImageFiles(COCO_MINI / "images", paths, preprocess, 64 if draft else None)
+        options = extract.ExtractOptions(batch_size=64, workers=2, tokens=False, draft=draft)
+        start = time.perf_counter()
+        extract.extract_rows(model, files, f"coco-{draft}", COCO_MINI / "images", paths,
+                             np.zeros(len(paths), np.int64), work / f"coco-{draft}.h5", options,
+                             torch.device("cpu"), "fp32", {}, work / "partial")
+        times[draft] = time.perf_counter() - start
+    n = len(paths)
+    print(f"draft mode, {n} real COCO JPEGs (~640x480) into a 64 px model: off {n / times[False]:,.0f} img/s, "
+          f"on {n / times[True]:,.0f} img/s; ratio x{times[False] / times[True]:.2f}")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -162,6 +186,7 @@ def main():
             compare_extraction("CIFAR-10-LT sample", cifar, weights, work)
         else:
             print(f"CIFAR-10-LT: skipped, {CIFAR} is absent")
+        compare_draft(weights, work)
         compare_token_reads(work)
 
 

@@ -211,3 +211,14 @@ def test_resnet_tokens_are_the_last_stage_grid(tmp_path):
     torch.testing.assert_close(tap.tokens, grid.flatten(2).transpose(1, 2))
     assert extract._token_layer_attr(model.visual, extract.ExtractOptions()) == "resnet_layer4"
     tap.remove()
+
+
+def test_draft_mode_decodes_large_jpegs_smaller_but_never_below_the_input(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)).save(
+        tmp_path / "big.jpg")
+    Image.fromarray(np.zeros((100, 100, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+    draft = extract.ImageFiles(tmp_path, ["big.jpg", "small.png"], None, draft_size=224)
+    full = extract.ImageFiles(tmp_path, ["big.jpg", "small.png"], None)
+    assert full.load(0).size == (1024, 768)
+    assert draft.load(0).size == (512, 384)  # 1/2 scale; 1/4 would be 192 < 224 high
+    assert draft.load(1).size == (100, 100)  # not a JPEG: untouched

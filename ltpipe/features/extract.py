@@ -53,6 +53,7 @@ class ExtractOptions:
     views: int = 0  # augmented views of each training image, in train_views.h5 (0: none)
     view_seed: int = 0
     view_min_scale: float = 0.08  # smallest crop area, as a share of the image (Imbalance-VLM: 0.08)
+    draft: bool = False  # decode large JPEGs at reduced size (Pillow draft mode)
 
     def validate(self) -> None:
         if self.token_layer not in TOKEN_LAYERS:
@@ -64,10 +65,16 @@ class ExtractOptions:
 
 
 class ImageFiles(Dataset):
-    def __init__(self, root: Path, paths: Sequence[str], transform):
+    """Images of a split. With ``draft_size``, JPEGs are decoded at the smallest DCT scale
+    (1/2, 1/4, 1/8) that keeps both sides at least ``draft_size`` (Pillow's draft mode):
+    much less decoding for images far larger than the model input, slightly different
+    pixels, so it is opt-in (``extract.draft``)."""
+
+    def __init__(self, root: Path, paths: Sequence[str], transform, draft_size: Optional[int] = None):
         self.root = Path(root)
         self.paths = list(paths)
         self.transform = transform
+        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -76,6 +83,8 @@ class ImageFiles(Dataset):
         path = self.root / self.paths[index]
         try:
             with Image.open(path) as image:
+                if self.draft_size and image.format == "JPEG":
+                    image.draft("RGB", (self.draft_size, self.draft_size))
                 return image.convert("RGB")
         except (OSError, ValueError) as exc:
             raise DataError(
@@ -208,7 +217,7 @@ def work_fingerprint(split: str, root: Path, paths: Sequence[str], base_attrs: D
     digest.update(json.dumps({
         "split": split, "root": str(root), "attrs": base_attrs, "batch_size": options.batch_size,
         "tokens": options.tokens, "token_layer": options.token_layer, "dtype": options.dtype,
-        "shard": shard_size(options), "precision": precision, "device": device.type,
+        "shard": shard_size(options), "precision": precision, "device": device.type, "draft": options.draft,
     }, sort_keys=True, default=str).encode())
     for path in paths:
         digest.update(path.encode() + b"\n")
@@ -246,7 +255,7 @@ def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: P
     """Extract one split of the manifest (see :func:`extract_rows`)."""
     rows = prepared.split(split)
     paths: List[str] = rows["path"].tolist()
-    dataset = ImageFiles(prepared.root, paths, preprocess)
+    dataset = ImageFiles(prepared.root, paths, preprocess, _draft_size(model, options))
     return extract_rows(model, dataset, split, prepared.root, paths, prepared.label_array(split), out_path,
                         options, device, precision, dict(base_attrs, split=split), work_root, workers)
 
@@ -296,6 +305,13 @@ def extract_rows(model, dataset: Dataset, name: str, root: Path, paths: List[str
             "images_per_second": round((computed or len(paths)) / max(seconds, 1e-9), 1)}
 
 
+def _draft_size(model, options: ExtractOptions) -> Optional[int]:
+    if not options.draft:
+        return None
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    return int(np.atleast_1d(cfg.get("size", 224))[0])
+
+
 def extract_views(model, prepared: Prepared, out_path: Path, options: ExtractOptions, device: torch.device,
                   precision: str, base_attrs: Dict, work_root: Path, workers: Workers = Workers()) -> Dict:
     """``options.views`` augmented views of every training image, as rows ``i * K + v``."""
@@ -303,7 +319,7 @@ def extract_views(model, prepared: Prepared, out_path: Path, options: ExtractOpt
     size = int(np.atleast_1d(cfg.get("size", 224))[0])
     rows = prepared.split("train")
     paths: List[str] = rows["path"].tolist()
-    files = ImageFiles(prepared.root, paths, None)
+    files = ImageFiles(prepared.root, paths, None, _draft_size(model, options))
     views = AugmentedViews(files, options.views, size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3),
                            options.view_seed, options.view_min_scale)
     k = options.views
@@ -406,6 +422,7 @@ def options_from_params(params: Params) -> ExtractOptions:
         views=section.int("views", minimum=0),
         view_seed=section.int("view_seed", minimum=0),
         view_min_scale=section.float("view_min_scale", minimum=0, maximum=1, exclusive_minimum=True),
+        draft=section.bool("draft"),
     )
     options.validate()
     return options
