@@ -1,5 +1,7 @@
 """Where the pipeline's stages read and write, relative to the repository root."""
 
+import contextlib
+import os
 from pathlib import Path
 
 DATA = Path("data")
@@ -15,3 +17,20 @@ METRICS_DIR = Path("metrics")
 TRAIN_LOG_DIR = METRICS_DIR / "train"
 # Timings live outside data/features: identical features must keep an identical DVC hash.
 EXTRACT_REPORT = METRICS_DIR / "extract_report.json"
+
+
+def partial_path(path: Path) -> Path:
+    """The sibling a file is written to before it is renamed onto ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+@contextlib.contextmanager
+def atomic_target(path: Path):
+    """Yield a temporary sibling of ``path`` to write; rename it onto ``path`` only if the
+    block finishes, so ``path`` never holds a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    yield partial
+    os.replace(partial, path)

@@ -225,11 +225,9 @@ def work_fingerprint(split: str, root: Path, paths: Sequence[str], base_attrs: D
 
 
 def _save_shard(path: Path, pooled: np.ndarray, tokens: Optional[np.ndarray]) -> None:
-    partial = path.with_name(path.name + ".tmp")
-    with open(partial, "wb") as fh:
-        arrays = {"pooled": pooled} if tokens is None else {"pooled": pooled, "tokens": tokens}
+    arrays = {"pooled": pooled} if tokens is None else {"pooled": pooled, "tokens": tokens}
+    with paths.atomic_target(path) as partial, open(partial, "wb") as fh:
         np.savez(fh, **arrays)
-    os.replace(partial, path)
 
 
 def _extract_shard(model, tap: Optional["TokenTap"], dataset: Dataset, rows: range, options: ExtractOptions,

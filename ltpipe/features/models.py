@@ -127,9 +127,8 @@ def _write_seeded_checkpoint(arch: str, seed: int, path: Path) -> None:
     with torch.random.fork_rng(), _quiet_root_logger():
         torch.manual_seed(seed)
         model = open_clip.create_model(arch, pretrained=None, device="cpu")
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    with paths.atomic_target(path) as partial:
+        torch.save(model.state_dict(), partial)
 
 
 @contextlib.contextmanager

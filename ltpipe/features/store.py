@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 
 from ltpipe.errors import DataError
+from ltpipe.paths import atomic_target, partial_path
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -41,7 +42,7 @@ class SplitWriter:
                  labels: np.ndarray, paths: Sequence[str], dtype: str, attrs: Dict):
         num = len(paths)
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = partial_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = DTYPES[dtype]
         self.file = h5py.File(self.partial, "w", libver=("earliest", "v110"))
@@ -81,10 +82,7 @@ def _attr(value):
 
 def write_text(path: Path, embeddings: np.ndarray, per_template: np.ndarray, prompts: Sequence[Sequence[str]],
                classnames: Sequence[str], attrs: Dict) -> None:
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(partial, "w", libver=("earliest", "v110")) as fh:
+    with atomic_target(path) as partial, h5py.File(partial, "w", libver=("earliest", "v110")) as fh:
         fh.create_dataset("embeddings", data=embeddings.astype(np.float32))
         fh.create_dataset("per_template", data=per_template.astype(np.float32))
         fh.create_dataset("prompts", data=np.asarray([list(p) for p in prompts], dtype=object),
@@ -93,7 +91,6 @@ def write_text(path: Path, embeddings: np.ndarray, per_template: np.ndarray, pro
         for key, value in attrs.items():
             fh.attrs[key] = _attr(value)
         fh.attrs["complete"] = True
-    os.replace(partial, path)
 
 
 def open_read(path: Path) -> h5py.File:

@@ -5,7 +5,6 @@ A head declares which cached input it reads (``pooled`` embeddings or the
 are saved with the weights so :func:`rebuild` restores it exactly.
 """
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -15,6 +14,7 @@ import torch
 
 from ltpipe.config import Params
 from ltpipe.errors import DataError
+from ltpipe.paths import atomic_target
 from ltpipe.registry import Registry
 
 HEADS: Registry = Registry("head", "head")
@@ -43,13 +43,10 @@ def rebuild(name: str, kwargs: Dict) -> torch.nn.Module:
 
 def save_checkpoint(path: Path, head: torch.nn.Module, name: str, run: Dict, **extra) -> None:
     """Only tensors and plain values, so :func:`load_checkpoint` needs no unpickling of code."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"head": name, "kwargs": head.kwargs, "run": run,
                "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}, **extra}
-    partial = path.with_name(path.name + ".partial")
-    torch.save(payload, partial)
-    os.replace(partial, path)
+    with atomic_target(path) as partial:
+        torch.save(payload, partial)
 
 
 def load_checkpoint(path: Path) -> Tuple[torch.nn.Module, Dict]:
