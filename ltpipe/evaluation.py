@@ -48,6 +48,13 @@ def cache_id(features: SplitFeatures) -> str:
     return f"{attrs.get('arch')}/{pretrained}/{str(attrs.get('weights_sha256'))[:12]}"
 
 
+def warn_skipped(features: SplitFeatures) -> None:
+    if features.skipped_paths:
+        print(f"WARNING: {len(features.skipped_paths)} unreadable test image(s) were left out at extraction "
+              f"(extract.on_bad_image: skip); metrics cover the other {len(features)}. "
+              f"See `skipped_paths` in {features.path}.")
+
+
 def run_fields(run: Dict, prepared: manifest.Prepared, features: SplitFeatures) -> Dict:
     return dict(dataset=prepared.name, task=prepared.task, **run, features=cache_id(features))
 
@@ -76,6 +83,7 @@ def run_zeroshot(params: Params) -> Dict:
     check_task(params, prepared)
     test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
     check_features(test, prepared)
+    warn_skipped(test)
     logits = zeroshot_logits(test.pooled, TextFeatures(paths.FEATURES_DIR / "text.h5"))
     return write_metrics(logits, test.labels, prepared, run_fields(ZEROSHOT_RUN, prepared, test), "zeroshot")
 
@@ -88,5 +96,6 @@ def run_evaluate(params: Params) -> Dict:
     head.to(device)
     test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
     check_features(test, prepared)
+    warn_skipped(test)
     logits = predict(head, FeatureInput(test, head.input, device))
     return write_metrics(logits, test.labels, prepared, run_fields(run, prepared, test), "eval")

@@ -135,6 +135,14 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     return best
 
 
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class in the cached training split: the manifest's ``train_count`` less any
+    image extraction skipped as unreadable."""
+    if labels.ndim == 1:
+        return np.bincount(labels, minlength=num_classes)
+    return labels.sum(axis=0, dtype=np.int64)
+
+
 def _optional_section(params: Params, key: str) -> Optional[Params]:
     return params.sub(key) if isinstance(params.raw(key, None), dict) else None
 
@@ -166,7 +174,7 @@ def run_stage(params: Params, logger=None) -> Dict:
                             tokens_have_cls=str(train_feats.attrs.get("token_layer")) in ("pre_ln", "post_ln"))
     head = heads.build(head_name, _optional_section(params, f"heads.{head_name}"), ctx)
     loss_fn = losses.build(loss_name, task, _optional_section(params, f"losses.{loss_name}"),
-                           prepared.classes["train_count"].to_numpy())
+                           class_counts(train_feats.labels, prepared.num_classes))
     started = time.perf_counter()
     train_input = FeatureInput(train_feats, head.input, device)
     views_path = paths.FEATURES_DIR / "train_views.h5"

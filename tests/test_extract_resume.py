@@ -28,10 +28,10 @@ def test_crash_then_resume_gives_the_same_bytes(tmp_path, tiny_prepared, tiny_we
     saved = []
     real_save = extract._save_shard
 
-    def crash_after_two(path, pooled, tokens):
+    def crash_after_two(path, *arrays):
         if len(saved) == 2:
             raise KeyboardInterrupt("simulated interruption")
-        real_save(path, pooled, tokens)
+        real_save(path, *arrays)
         saved.append(path)
 
     monkeypatch.setattr(extract, "_save_shard", crash_after_two)

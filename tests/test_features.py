@@ -159,8 +159,8 @@ def test_text_embeddings(tiny_features, tiny_prepared):
     assert text.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)  # open_clip's init
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path, tiny_source, tiny_weights, workers):
+def _with_corrupt_images(tmp_path, tiny_source, corrupt):
+    """A copy of the tiny dataset where image ``i`` of each ``(split, i)`` in ``corrupt`` is garbage."""
     import shutil
 
     from ltpipe.data.manifest import DatasetSource, build
@@ -169,15 +169,73 @@ def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path, tiny_source
     shutil.copytree(tiny_source.root, root)
     prepared = build(DatasetSource("synthetic", root, {k: root / v.name for k, v in tiny_source.lists.items()},
                                    root / "classnames.txt", False))
-    bad = prepared.split("val")["path"][2]
-    (root / bad).write_bytes(b"not a jpeg")
+    bad = [prepared.split(split)["path"][i] for split, i in corrupt]
+    for path in bad:
+        (root / path).write_bytes(b"not a jpeg")
+    return prepared, bad
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_names_the_file_and_leaves_no_output(tmp_path, tiny_source, tiny_weights, workers):
+    prepared, (bad,) = _with_corrupt_images(tmp_path, tiny_source, [("val", 2)])
     with pytest.raises(DataError, match=rf"cannot read image .*{bad}") as caught:
         extract.run(prepared, tiny_weights, extract.ExtractOptions(batch_size=4, workers=workers),
                     tmp_path / "out", torch.device("cpu"), "fp32")
     message = user_message(caught.value)
-    assert message.startswith("cannot read image") and message.endswith("then re-run extraction.")
+    assert message.startswith("cannot read image") and "`extract.on_bad_image: skip`" in message
     assert not (tmp_path / "out" / "val.h5").exists()
     assert (tmp_path / "out" / "train.h5").exists()  # splits finished before the error are kept
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skipped_images_are_left_out_and_listed_in_the_file(tmp_path, tiny_source, tiny_weights, tiny_features,
+                                                            workers):
+    prepared, bad = _with_corrupt_images(tmp_path, tiny_source, [("train", 3), ("val", 2), ("test", 0), ("test", 5)])
+    options = extract.ExtractOptions(batch_size=4, workers=workers, on_bad_image="skip", views=2)
+    report = extract.run(prepared, tiny_weights, options, tmp_path / "out", torch.device("cpu"), "fp32")
+    assert (report["train"]["skipped_images"], report["val"]["skipped_images"]) == (1, 1)
+    assert report["test"]["skipped"] == bad[2:]
+    views = SplitFeatures(tmp_path / "out" / "train_views.h5")
+    assert views.skipped_paths == [bad[0]] * 2  # every view of the unreadable image
+    assert len(views) == 2 * (len(prepared.split("train")) - 1)
+    for split, rows in (("train", [3]), ("val", [2]), ("test", [0, 5])):
+        clean = SplitFeatures(tiny_features / f"{split}.h5")
+        kept = SplitFeatures(tmp_path / "out" / f"{split}.h5")
+        keep = np.setdiff1d(np.arange(len(clean)), rows)
+        assert kept.skipped_paths == [clean.paths[r] for r in rows]
+        assert kept.paths == [clean.paths[r] for r in keep]
+        np.testing.assert_array_equal(kept.labels, clean.labels[keep])
+        np.testing.assert_array_equal(kept.pooled, clean.pooled[keep])  # batch-size independent on CPU
+        np.testing.assert_array_equal(kept.tokens(np.arange(len(kept))), clean.tokens(keep))
+        with h5py.File(tmp_path / "out" / f"{split}.h5", "r") as fh:
+            assert fh.attrs["skipped_images"] == len(rows)
+            assert all(e.decode().startswith("UnidentifiedImageError") for e in fh["skipped_errors"][:])
+    with h5py.File(tmp_path / "out" / "text.h5", "r") as fh:
+        assert len(fh["embeddings"]) == prepared.num_classes
+
+
+def test_a_clean_split_lists_no_skipped_images(tiny_features):
+    with h5py.File(tiny_features / "train.h5", "r") as fh:
+        assert fh["skipped_paths"].shape == (0,) and fh.attrs["skipped_images"] == 0
+
+
+def test_shards_saved_under_skip_do_not_slip_through_fail(tmp_path, tiny_source, tiny_weights, monkeypatch):
+    prepared, (bad,) = _with_corrupt_images(tmp_path, tiny_source, [("train", 3)])
+    skip = extract.ExtractOptions(batch_size=4, workers=0, checkpoint_every=8, on_bad_image="skip")
+    monkeypatch.setattr(extract, "_assemble", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # killed after every shard of train was saved
+        extract.run(prepared, tiny_weights, skip, tmp_path / "out", torch.device("cpu"), "fp32")
+    monkeypatch.undo()
+    fail = extract.ExtractOptions(batch_size=4, workers=0, checkpoint_every=8, on_bad_image="fail")
+    with pytest.raises(DataError, match=rf"1 unreadable image\(s\) in train: .*{bad}"):
+        extract.run(prepared, tiny_weights, fail, tmp_path / "out", torch.device("cpu"), "fp32")
+
+
+def test_a_split_with_no_readable_image_fails(tmp_path, tiny_source, tiny_weights):
+    prepared, bad = _with_corrupt_images(tmp_path, tiny_source, [("val", i) for i in range(24)])
+    options = extract.ExtractOptions(batch_size=4, workers=0, on_bad_image="skip")
+    with pytest.raises(DataError, match="every image of val is unreadable"):
+        extract.run(prepared, tiny_weights, options, tmp_path / "out", torch.device("cpu"), "fp32")
 
 
 def test_token_reads_match_the_file_rows_in_the_order_asked(tiny_features):
@@ -219,6 +277,6 @@ def test_draft_mode_decodes_large_jpegs_smaller_but_never_below_the_input(tmp_pa
     Image.fromarray(np.zeros((100, 100, 3), dtype=np.uint8)).save(tmp_path / "small.png")
     draft = extract.ImageFiles(tmp_path, ["big.jpg", "small.png"], None, draft_size=224)
     full = extract.ImageFiles(tmp_path, ["big.jpg", "small.png"], None)
-    assert full.load(0).size == (1024, 768)
-    assert draft.load(0).size == (512, 384)  # 1/2 scale; 1/4 would be 192 < 224 high
-    assert draft.load(1).size == (100, 100)  # not a JPEG: untouched
+    assert full.load(0)[0].size == (1024, 768)
+    assert draft.load(0)[0].size == (512, 384)  # 1/2 scale; 1/4 would be 192 < 224 high
+    assert draft.load(1)[0].size == (100, 100)  # not a JPEG: untouched

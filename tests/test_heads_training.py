@@ -136,3 +136,11 @@ def test_diverging_training_is_a_clear_error(tiny_features, tiny_prepared):
         train(head, loss, SAMPLERS.get("instance"), FeatureInput(train_feats, "pooled", cpu),
               FeatureInput(val, "pooled", cpu), val.labels, TrainConfig(epochs=1), 0, False,
               tiny_prepared.num_classes, cpu)
+
+
+def test_loss_class_counts_come_from_the_cached_training_rows():
+    from ltpipe.training import class_counts
+
+    np.testing.assert_array_equal(class_counts(np.array([0, 2, 2, 2]), 4), [1, 0, 3, 0])
+    multi = np.array([[1, 0, 1], [1, 1, 0]], dtype=np.uint8)
+    np.testing.assert_array_equal(class_counts(multi, 3), [2, 1, 1])

@@ -31,8 +31,8 @@ def test_views_are_seeded_per_image_and_view(tiny_prepared):
     files = extract.ImageFiles(tiny_prepared.root, tiny_prepared.split("train")["path"].tolist(), None)
     views = extract.AugmentedViews(files, 3, 64, (0.5,) * 3, (0.5,) * 3, seed=0)
     assert len(views) == 3 * len(files)
-    a, _ = views[4]
-    b, _ = views[4]
+    a, _, _ = views[4]
+    b, _, _ = views[4]
     torch.testing.assert_close(a, b)  # the same item is the same crop, whenever it is asked for
     assert a.shape == (3, 64, 64)
     assert not torch.equal(views[3][0], views[4][0])  # views of one image differ

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from ltpipe.runtime import autocast, data_loader_kwargs, resolve_device, resolve
 TOKEN_LAYERS = ("pre_ln", "post_ln")
 TEMPLATE_SETS = ("single", "imagenet80")
 SINGLE_TEMPLATE = "a photo of a {}."
+ON_BAD_IMAGE = ("fail", "skip")
 
 
 @dataclass
@@ -54,12 +55,15 @@ class ExtractOptions:
     view_seed: int = 0
     view_min_scale: float = 0.08  # smallest crop area, as a share of the image (Imbalance-VLM: 0.08)
     draft: bool = False  # decode large JPEGs at reduced size (Pillow draft mode)
+    on_bad_image: str = "fail"  # fail | skip (skipped rows are left out and listed in the HDF5 file)
 
     def validate(self) -> None:
         if self.token_layer not in TOKEN_LAYERS:
             raise ConfigError(f"`extract.token_layer` is {self.token_layer!r}; valid: {', '.join(TOKEN_LAYERS)}.")
         if self.templates not in TEMPLATE_SETS:
             raise ConfigError(f"`extract.templates` is {self.templates!r}; valid: {', '.join(TEMPLATE_SETS)}.")
+        if self.on_bad_image not in ON_BAD_IMAGE:
+            raise ConfigError(f"`extract.on_bad_image` is {self.on_bad_image!r}; valid: {', '.join(ON_BAD_IMAGE)}.")
         if self.dtype not in store.DTYPES:
             raise ConfigError(f"`extract.dtype` is {self.dtype!r}; valid: {', '.join(store.DTYPES)}.")
 
@@ -68,31 +72,41 @@ class ImageFiles(Dataset):
     """Images of a split. With ``draft_size``, JPEGs are decoded at the smallest DCT scale
     (1/2, 1/4, 1/8) that keeps both sides at least ``draft_size`` (Pillow's draft mode):
     much less decoding for images far larger than the model input, slightly different
-    pixels, so it is opt-in (``extract.draft``)."""
+    pixels, so it is opt-in (``extract.draft``).
 
-    def __init__(self, root: Path, paths: Sequence[str], transform, draft_size: Optional[int] = None):
+    With ``skip_bad``, an unreadable image yields a black placeholder and its error, so
+    the batch goes on; the placeholder's row is dropped when the file is assembled."""
+
+    def __init__(self, root: Path, paths: Sequence[str], transform, draft_size: Optional[int] = None,
+                 skip_bad: bool = False):
         self.root = Path(root)
         self.paths = list(paths)
         self.transform = transform
         self.draft_size = draft_size
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> Image.Image:
+    def load(self, index: int) -> Tuple[Image.Image, str]:
+        """The image as RGB and ``""``, or (skipping) a placeholder and the reason it is unreadable."""
         path = self.root / self.paths[index]
         try:
             with Image.open(path) as image:
                 if self.draft_size and image.format == "JPEG":
                     image.draft("RGB", (self.draft_size, self.draft_size))
-                return image.convert("RGB")
+                return image.convert("RGB"), ""
         except (OSError, ValueError) as exc:
+            if self.skip_bad:
+                return Image.new("RGB", (32, 32)), f"{type(exc).__name__}: {exc}"
             raise DataError(
-                f"cannot read image {path}: {exc}. Replace or remove the file, then re-run extraction."
+                f"cannot read image {path}: {exc}. Replace or remove the file and re-run extraction, or set "
+                "`extract.on_bad_image: skip` to leave it out (it is then listed in the feature file)."
             ) from None
 
     def __getitem__(self, index: int):
-        return self.transform(self.load(index)), index
+        image, error = self.load(index)
+        return self.transform(image), index, error
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale=(0.08, 1.0),
@@ -141,14 +155,14 @@ class AugmentedViews(Dataset):
         from torchvision.transforms import functional as TF
 
         image_index, view = divmod(index, self.views)
-        image = self.files.load(image_index)
+        image, error = self.files.load(image_index)
         rng = np.random.default_rng([self.seed, image_index, view])
         top, left, h, w = random_resized_crop_box(rng, image.width, image.height, scale=(self.min_scale, 1.0))
         image = TF.resized_crop(image, top, left, h, w, [self.size, self.size],
                                 interpolation=InterpolationMode.BICUBIC, antialias=True)
         if rng.random() < 0.5:
             image = TF.hflip(image)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std), index
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std), index, error
 
 
 class TokenTap:
@@ -224,27 +238,36 @@ def work_fingerprint(split: str, root: Path, paths: Sequence[str], base_attrs: D
     return digest.hexdigest()[:16]
 
 
-def _save_shard(path: Path, pooled: np.ndarray, tokens: Optional[np.ndarray]) -> None:
-    arrays = {"pooled": pooled} if tokens is None else {"pooled": pooled, "tokens": tokens}
+def _save_shard(path: Path, pooled: np.ndarray, tokens: Optional[np.ndarray], bad_rows: np.ndarray,
+                bad_errors: np.ndarray) -> None:
+    arrays = {"pooled": pooled, "bad_rows": bad_rows, "bad_errors": bad_errors}
+    if tokens is not None:
+        arrays["tokens"] = tokens
     with paths.atomic_target(path) as partial, open(partial, "wb") as fh:
         np.savez(fh, **arrays)
 
 
 def _extract_shard(model, tap: Optional["TokenTap"], dataset: Dataset, rows: range, options: ExtractOptions,
                    device: torch.device, precision: str, progress) -> tuple:
+    """Features of ``rows``, and the rows whose image was unreadable (skipped) with why."""
     loader = DataLoader(Subset(dataset, rows), batch_size=options.batch_size, shuffle=False,
                         **data_loader_kwargs(device, options.workers))
     dtype = store.DTYPES[options.dtype]
-    pooled_parts, token_parts = [], []
-    for images, _ in loader:
+    pooled_parts, token_parts, bad_rows, bad_errors = [], [], [], []
+    for images, index, errors in loader:
         images = images.to(device, non_blocking=True)
         with autocast(device, precision):
             pooled = model.encode_image(images)
         pooled_parts.append(pooled.float().cpu().numpy().astype(dtype))
         if tap is not None:
             token_parts.append(tap.tokens.float().cpu().numpy().astype(dtype))
+        for row, error in zip(index.tolist(), errors):
+            if error:
+                bad_rows.append(row)
+                bad_errors.append(error)
         progress.update(len(images))
-    return np.concatenate(pooled_parts), (np.concatenate(token_parts) if tap is not None else None)
+    return (np.concatenate(pooled_parts), (np.concatenate(token_parts) if tap is not None else None),
+            np.asarray(bad_rows, dtype=np.int64), np.asarray(bad_errors, dtype=str))
 
 
 def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: Path, options: ExtractOptions,
@@ -253,7 +276,7 @@ def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: P
     """Extract one split of the manifest (see :func:`extract_rows`)."""
     rows = prepared.split(split)
     paths: List[str] = rows["path"].tolist()
-    dataset = ImageFiles(prepared.root, paths, preprocess, _draft_size(model, options))
+    dataset = ImageFiles(prepared.root, paths, preprocess, _draft_size(model, options), options.on_bad_image == "skip")
     return extract_rows(model, dataset, split, prepared.root, paths, prepared.label_array(split), out_path,
                         options, device, precision, dict(base_attrs, split=split), work_root, workers)
 
@@ -286,21 +309,23 @@ def extract_rows(model, dataset: Dataset, name: str, root: Path, paths: List[str
                                           mininterval=2.0, disable=workers.rank > 0) as progress:
             for k in todo:
                 block = range(k * per_shard, min((k + 1) * per_shard, len(paths)))
-                pooled, tokens = _extract_shard(model, tap, dataset, block, options, device, precision, progress)
-                _save_shard(shard_path[k], pooled, tokens)
+                _save_shard(shard_path[k], *_extract_shard(model, tap, dataset, block, options, device, precision,
+                                                           progress))
     finally:
         if tap is not None:
             tap.remove()
     seconds = time.perf_counter() - started
     workers.barrier()
+    skipped: List[str] = []
     if workers.rank == 0:
-        _assemble(shard_path, per_shard, out_path, labels, paths, options,
-                  dict(attrs, token_layer=_token_layer_attr(model.visual, options)))
+        skipped = _assemble(shard_path, per_shard, out_path, labels, paths, options,
+                            dict(attrs, token_layer=_token_layer_attr(model.visual, options)))
         shutil.rmtree(work, ignore_errors=True)
     workers.barrier()
     computed = len(paths) - resumed if workers.world == 1 else None
     return {"images": len(paths), "resumed_images": resumed, "seconds": round(seconds, 3),
-            "images_per_second": round((computed or len(paths)) / max(seconds, 1e-9), 1)}
+            "images_per_second": round((computed or len(paths)) / max(seconds, 1e-9), 1),
+            "skipped_images": len(skipped), "skipped": skipped[:20]}
 
 
 def _draft_size(model, options: ExtractOptions) -> Optional[int]:
@@ -317,7 +342,7 @@ def extract_views(model, prepared: Prepared, out_path: Path, options: ExtractOpt
     size = int(np.atleast_1d(cfg.get("size", 224))[0])
     rows = prepared.split("train")
     paths: List[str] = rows["path"].tolist()
-    files = ImageFiles(prepared.root, paths, None, _draft_size(model, options))
+    files = ImageFiles(prepared.root, paths, None, _draft_size(model, options), options.on_bad_image == "skip")
     views = AugmentedViews(files, options.views, size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3),
                            options.view_seed, options.view_min_scale)
     k = options.views
@@ -334,9 +359,35 @@ def _token_layer_attr(visual, options: ExtractOptions) -> str:
     return options.token_layer if hasattr(visual, "transformer") else "resnet_layer4"
 
 
+def _skipped_rows(shards: List[Path], paths: List[str], options: ExtractOptions, name: str):
+    """Rows whose image was unreadable, with the reason; under ``fail`` there must be none."""
+    rows, errors = [], []
+    for shard in shards:
+        with np.load(shard) as data:
+            if "bad_rows" in data:
+                rows.extend(data["bad_rows"].tolist())
+                errors.extend(data["bad_errors"].tolist())
+    if rows and options.on_bad_image == "fail":
+        # Shards saved under `skip`, resumed under `fail`: the user asked to be told.
+        listed = "; ".join(f"{paths[r]} ({e})" for r, e in list(zip(rows, errors))[:5])
+        raise DataError(f"{len(rows)} unreadable image(s) in {name}: {listed}. Replace or remove them, or set "
+                        "`extract.on_bad_image: skip`.")
+    if len(rows) == len(paths):
+        raise DataError(f"every image of {name} is unreadable (first: {paths[0]}: {errors[0]}). "
+                        "Check the dataset `root` and the files.")
+    return rows, errors
+
+
 def _assemble(shards: List[Path], per_shard: int, out_path: Path, labels: np.ndarray, paths: List[str],
-              options: ExtractOptions, attrs: Dict) -> None:
+              options: ExtractOptions, attrs: Dict) -> List[str]:
+    """Write the split file from its shards, leaving out skipped rows; return their paths."""
+    bad_rows, bad_errors = _skipped_rows(shards, paths, options, out_path.stem)
+    keep = np.ones(len(paths), dtype=bool)
+    keep[bad_rows] = False
+    kept_paths = [p for p, k in zip(paths, keep) if k]
+    skipped = [(paths[r], e) for r, e in zip(bad_rows, bad_errors)]
     writer = None
+    cursor = 0
     try:
         for k, shard in enumerate(shards):
             with np.load(shard) as data:
@@ -344,13 +395,18 @@ def _assemble(shards: List[Path], per_shard: int, out_path: Path, labels: np.nda
                 tokens = data["tokens"] if "tokens" in data else None
             if writer is None:
                 writer = store.SplitWriter(out_path, pooled.shape[1], tokens.shape[1:] if tokens is not None else None,
-                                           labels, paths, options.dtype, attrs)
-            writer.write(k * per_shard, pooled, tokens)
+                                           labels[keep], kept_paths, options.dtype, attrs, skipped)
+            shard_keep = keep[k * per_shard:k * per_shard + len(pooled)]
+            pooled = pooled[shard_keep]
+            tokens = tokens[shard_keep] if tokens is not None else None
+            writer.write(cursor, pooled, tokens)
+            cursor += len(pooled)
         writer.commit()
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    return [p for p, _ in skipped]
 
 
 def templates_for(name: str) -> List:
@@ -421,6 +477,7 @@ def options_from_params(params: Params) -> ExtractOptions:
         view_seed=section.int("view_seed", minimum=0),
         view_min_scale=section.float("view_min_scale", minimum=0, maximum=1, exclusive_minimum=True),
         draft=section.bool("draft"),
+        on_bad_image=section.str("on_bad_image", choices=ON_BAD_IMAGE),
     )
     options.validate()
     return options
@@ -457,4 +514,9 @@ def run_stage(params: Params) -> Dict:
     paths.EXTRACT_REPORT.write_text(json.dumps(report, indent=2) + "\n")
     for split, row in report.items():
         print(f"extract {split}: {row['images']} images in {row['seconds']:.1f}s ({row['images_per_second']} img/s)")
+        if row["skipped_images"]:
+            print(f"WARNING: {row['skipped_images']} unreadable image(s) of {split} were left out "
+                  f"(extract.on_bad_image: skip), e.g. {', '.join(row['skipped'][:3])}. All are listed in "
+                  f"{paths.FEATURES_DIR / (split + '.h5')} (datasets `skipped_paths`, `skipped_errors`) "
+                  f"and in {paths.EXTRACT_REPORT}.")
     return report

@@ -7,6 +7,8 @@ on float16 embeddings and costs up to 150x on random reads, see README):
 * ``tokens`` ``[N, T, W]`` token grid (ViT: CLS + patches; ResNet: last stage), optional
 * ``labels`` ``[N]`` int64 (single-label) or ``[N, C]`` uint8 (multi-label)
 * ``paths`` ``[N]`` image paths relative to the dataset root
+* ``skipped_paths``, ``skipped_errors`` ``[S]`` images left out as unreadable
+  (``extract.on_bad_image: skip``) and why; empty when none were
 * attributes: model arch, pretrained tag, weights sha256, preprocessing, token
   layer, dtype, ltpipe version, ``complete``.
 
@@ -39,7 +41,8 @@ class SplitWriter:
     """
 
     def __init__(self, path: Path, pooled_dim: int, token_shape: Optional[Tuple[int, int]],
-                 labels: np.ndarray, paths: Sequence[str], dtype: str, attrs: Dict):
+                 labels: np.ndarray, paths: Sequence[str], dtype: str, attrs: Dict,
+                 skipped: Sequence[Tuple[str, str]] = ()):
         num = len(paths)
         self.path = Path(path)
         self.partial = partial_path(self.path)
@@ -51,6 +54,11 @@ class SplitWriter:
             self.file.create_dataset("tokens", shape=(num,) + tuple(token_shape), dtype=self.dtype)
         self.file.create_dataset("labels", data=labels)
         self.file.create_dataset("paths", data=list(paths), dtype=h5py.string_dtype())
+        self.file.create_dataset("skipped_paths", data=[p for p, _ in skipped], shape=(len(skipped),),
+                                 dtype=h5py.string_dtype())
+        self.file.create_dataset("skipped_errors", data=[e for _, e in skipped], shape=(len(skipped),),
+                                 dtype=h5py.string_dtype())
+        self.file.attrs["skipped_images"] = len(skipped)
         for key, value in attrs.items():
             self.file.attrs[key] = _attr(value)
         self.file.attrs["dtype"] = dtype
@@ -125,7 +133,8 @@ class SplitFeatures:
             self.attrs = {k: fh.attrs[k] for k in fh.attrs}
             self.pooled = fh["pooled"][:].astype(np.float32)
             self.labels = fh["labels"][:]
-            self.paths = [p.decode() if isinstance(p, bytes) else p for p in fh["paths"][:]]
+            self.paths = _strings(fh["paths"])
+            self.skipped_paths = _strings(fh["skipped_paths"]) if "skipped_paths" in fh else []
             self.has_tokens = "tokens" in fh
             self.token_shape = tuple(fh["tokens"].shape[1:]) if self.has_tokens else None
             self._loaded = fh["tokens"][:] if (self.has_tokens and load_tokens) else None
@@ -154,6 +163,10 @@ class SplitFeatures:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def _strings(dataset) -> list:
+    return [p.decode() if isinstance(p, bytes) else p for p in dataset[:]]
 
 
 class TextFeatures:
