@@ -26,7 +26,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check ltpipe stages tests
+	$(BIN)/ruff check ltpipe stages tests bench
 
 clean:
 	rm -rf data/weights data/prepared data/features data/models .dvc/tmp/runs

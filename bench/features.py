@@ -11,8 +11,11 @@
    memory map (what ltpipe uses) against h5py per-row reads and h5py fancy indexing.
 
 Run: .venv/bin/python bench/features.py   (about two minutes on 2 cores)
+     .venv/bin/python bench/features.py --arch ViT-B-32 --every 48
+         (part 1 only, a real-size architecture, randomly initialised, on every 48th CIFAR image)
 """
 
+import argparse
 import os
 import tempfile
 import time
@@ -42,17 +45,18 @@ def naive_loop(model, preprocess, root, paths):
     return time.perf_counter() - start
 
 
-def compare_extraction(label, prepared, weights, work):
+def compare_extraction(label, prepared, weights, work, batch_size=64):
     model, preprocess, _ = models.load(weights, torch.device("cpu"))
     paths = prepared.split("train")["path"].tolist()
     naive = naive_loop(model, preprocess, prepared.root, paths)
-    options = extract.ExtractOptions(batch_size=64, workers=2, tokens=True)
+    options = extract.ExtractOptions(batch_size=batch_size, workers=2, tokens=True)
     start = time.perf_counter()
     extract.extract_split(model, preprocess, prepared, "train", work / f"{label}.h5", options, torch.device("cpu"),
                           "fp32", {}, work / "partial")
     staged = time.perf_counter() - start
     n = len(paths)
-    print(f"extraction, {label} ({n:,} images, ltpipe-tiny, 64 px): naive loop {n / naive:,.0f} img/s, "
+    size_px = int(np.atleast_1d(model.visual.preprocess_cfg.get("size", 224))[0])
+    print(f"extraction, {label} ({n:,} images, {weights.arch}, {size_px} px): naive loop {n / naive:,.0f} img/s, "
           f"extract stage {n / staged:,.0f} img/s (pooled + tokens, written to HDF5); ratio x{naive / staged:.2f}")
     with h5py.File(work / f"{label}.h5", "r") as fh:
         pooled = fh["pooled"].nbytes / n
@@ -167,23 +171,36 @@ def compare_draft(weights, work):
           f"on {n / times[True]:,.0f} img/s; ratio x{times[False] / times[True]:.2f}")
 
 
+def cifar_sample(work, every):
+    sample = work / "cifar_train.txt"
+    lines = (CIFAR / "CIFAR10_LT_train.txt").read_text().splitlines()
+    sample.write_text("\n".join(lines[::every]) + "\n")
+    return build(DatasetSource("custom", CIFAR / "images",
+                               {"train": sample, "val": None, "test": CIFAR / "CIFAR10_LT_test.txt"},
+                               CIFAR / "classnames.txt", False))
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="ltpipe-tiny", help="open_clip architecture (random init)")
+    parser.add_argument("--every", type=int, default=6, help="use every n-th CIFAR-10-LT training image")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        weights = models.resolve("ltpipe-tiny", None, work / "weights", 0)
+        weights = models.resolve(args.arch, None, work / "weights", 0)
+        if args.arch != "ltpipe-tiny":
+            if not CIFAR.is_dir():
+                raise SystemExit(f"{CIFAR} is absent")
+            compare_extraction("CIFAR-10-LT sample", cifar_sample(work, args.every), weights, work, batch_size=32)
+            return
         lists = generate(SyntheticSpec(), work / "synthetic")
         synthetic = build(DatasetSource("synthetic", work / "synthetic",
                                         {s: work / "synthetic" / lists[s] for s in ("train", "val", "test")},
                                         work / "synthetic" / lists["classnames"], False))
         compare_extraction("embedded default", synthetic, weights, work)
         if CIFAR.is_dir():
-            sample = work / "cifar_train.txt"
-            lines = (CIFAR / "CIFAR10_LT_train.txt").read_text().splitlines()
-            sample.write_text("\n".join(lines[::6]) + "\n")  # every 6th image: 2,068 of 12,406
-            cifar = build(DatasetSource("custom", CIFAR / "images",
-                                        {"train": sample, "val": None, "test": CIFAR / "CIFAR10_LT_test.txt"},
-                                        CIFAR / "classnames.txt", False))
-            compare_extraction("CIFAR-10-LT sample", cifar, weights, work)
+            # every 6th image: 2,068 of 12,406
+            compare_extraction("CIFAR-10-LT sample", cifar_sample(work, args.every), weights, work)
         else:
             print(f"CIFAR-10-LT: skipped, {CIFAR} is absent")
         compare_draft(weights, work)
