@@ -7,7 +7,7 @@ head, loss, sampler, stage-2 method, seed and the feature cache it read), so
 
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -21,7 +21,9 @@ from ltpipe.inference import FeatureInput, predict
 from ltpipe.runtime import resolve_device
 
 TASKS = ("auto", "single", "multi")
-ZEROSHOT_RUN = {"head": "zeroshot", "loss": "none", "sampler": "none", "stage2": "none", "seed": None}
+POSTHOC = ("none", "logit_adjust")
+ZEROSHOT_RUN = {"head": "zeroshot", "loss": "none", "sampler": "none", "stage2": "none", "seed": None,
+                "posthoc": "none", "posthoc_tau": None}
 
 
 def check_task(params: Params, prepared: manifest.Prepared) -> bool:
@@ -88,9 +90,36 @@ def run_zeroshot(params: Params) -> Dict:
     return write_metrics(logits, test.labels, prepared, run_fields(ZEROSHOT_RUN, prepared, test), "zeroshot")
 
 
+def log_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    counts = np.maximum(counts, 1.0)  # a class whose every image was skipped: no infinite adjustment
+    return np.log(counts / counts.sum())
+
+
+def logit_adjust(logits: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
+    """Post-hoc logit adjustment (Menon et al., ICLR 2021, Eq. 9): ``argmax_c z_c - tau log p_c``."""
+    return logits - tau * prior
+
+
+def posthoc_logit_adjust(head, device, prepared: manifest.Prepared) -> Tuple[float, np.ndarray]:
+    """tau from ``metrics.TAU_GRID`` chosen on the validation split (tau = 0 is no adjustment, so the
+    validation score never drops), and the training log-prior it adjusts by."""
+    if prepared.multilabel:
+        raise ConfigError("`evaluate.posthoc: logit_adjust` is defined for single-label tasks (softmax "
+                          "over classes). Set `evaluate.posthoc: none`.")
+    val = SplitFeatures(paths.FEATURES_DIR / "val.h5")
+    val_logits = predict(head, FeatureInput(val, head.input, device))
+    prior = log_prior(SplitFeatures.read_labels(paths.FEATURES_DIR / "train.h5"), prepared.num_classes)
+    tau, _ = metrics.pick_on_validation(
+        metrics.TAU_GRID,
+        lambda t: metrics.selection_score(logit_adjust(val_logits, prior, t), val.labels, False))
+    return tau, prior
+
+
 def run_evaluate(params: Params) -> Dict:
     prepared = manifest.load(paths.PREPARED_DIR)
     check_task(params, prepared)
+    posthoc = params.str("evaluate.posthoc", choices=POSTHOC)
     device = resolve_device(params.str("model.device"))
     head, run = load_checkpoint(paths.HEAD_CHECKPOINT)
     head.to(device)
@@ -98,4 +127,10 @@ def run_evaluate(params: Params) -> Dict:
     check_features(test, prepared)
     warn_skipped(test)
     logits = predict(head, FeatureInput(test, head.input, device))
+    run = dict(run, posthoc=posthoc, posthoc_tau=None)
+    if posthoc == "logit_adjust":
+        tau, prior = posthoc_logit_adjust(head, device, prepared)
+        logits = logit_adjust(logits, prior, tau)
+        run["posthoc_tau"] = tau
+        print(f"post-hoc logit adjustment: tau {tau} (chosen on validation)")
     return write_metrics(logits, test.labels, prepared, run_fields(run, prepared, test), "eval")

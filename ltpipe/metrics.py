@@ -129,3 +129,14 @@ def selection_score(logits: np.ndarray, labels: np.ndarray, multilabel: bool) ->
     if multilabel:
         return float(np.nanmean(per_class_ap(logits, np.asarray(labels).astype(bool))))
     return float(balanced_accuracy_score(labels, np.asarray(logits).argmax(axis=1)))
+
+
+TAU_GRID = tuple(float(t) for t in np.round(np.arange(0.0, 2.01, 0.1), 2))
+
+
+def pick_on_validation(candidates, score) -> tuple:
+    """The candidate with the best validation ``score(candidate)`` (ties: the first), and its score.
+    Post-hoc choices (tau of logit adjustment or tau-normalisation) are made here, never on test."""
+    scores = [score(c) for c in candidates]
+    best = int(np.argmax(scores))
+    return candidates[best], scores[best]

@@ -15,18 +15,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ltpipe import heads, losses, metrics, paths
+from ltpipe import heads, losses, metrics, paths, stage2
 from ltpipe.config import Params
 from ltpipe.data import manifest
-from ltpipe.errors import TrainingError
+from ltpipe.errors import ConfigError, TrainingError
 from ltpipe.evaluation import check_features, check_task
 from ltpipe.features.store import SplitFeatures, TextFeatures
+from ltpipe.heads.linear import CosineClassifier
 from ltpipe.inference import FeatureInput, ViewInput, predict
 from ltpipe.runtime import resolve_device, seed_everything
 from ltpipe.samplers import SAMPLERS, class_members
 
 OPTIMIZERS = ("adamw", "sgd")
-STAGE2_METHODS = ("none",)
 
 
 @dataclass
@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     momentum: float = 0.9
+    iterations: Optional[int] = None  # optimiser steps; when set, replaces `epochs`
 
     @classmethod
     def from_params(cls, section: Params) -> "TrainConfig":
@@ -49,6 +50,8 @@ class TrainConfig:
             weight_decay=section.float("weight_decay", minimum=0),
             warmup_epochs=section.float("warmup_epochs", minimum=0),
             momentum=section.float("momentum", minimum=0, maximum=1, default=0.9),
+            iterations=(None if section.raw("iterations", None) is None
+                        else section.int("iterations", minimum=1)),
         )
 
 
@@ -91,23 +94,35 @@ class TrainResult:
 def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput, val_data: FeatureInput,
           val_labels: np.ndarray, cfg: TrainConfig, seed: int, multilabel: bool, num_classes: int,
           device: torch.device, logger=None) -> TrainResult:
+    """Fit the trainable parameters of ``head``; keep the state with the best validation score.
+
+    Losses that change over training (LDAM's deferred re-weighting) get
+    ``loss_fn.set_epoch(epoch, epochs)`` before each epoch.
+    """
     head.to(device)
     loss_fn.to(device)
     labels = train_data.labels
     members = class_members(labels, num_classes)
     target = torch.from_numpy(labels.astype(np.float32) if multilabel else labels.astype(np.int64))
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
+    total_steps = cfg.iterations or cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
     optimizer = make_optimizer(head, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)))
+        optimizer, warmup_cosine(total_steps, round(cfg.warmup_epochs * steps_per_epoch)))
     best: Optional[TrainResult] = None
     history = []
-    for epoch in range(cfg.epochs):
+    step = 0
+    for epoch in range(epochs):
         head.train()
         train_data.set_epoch(epoch)
+        if hasattr(loss_fn, "set_epoch"):
+            loss_fn.set_epoch(epoch, epochs)
         order = sampler(members, len(train_data), seed, epoch)
         total, seen = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
+            if step == total_steps:
+                break
             # A batch is a set (the loss is its mean); sorted rows read the feature cache forwards.
             index = np.sort(order[start:start + cfg.batch_size])
             logits = head(train_data.batch(index))
@@ -120,6 +135,7 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
             loss.backward()
             optimizer.step()
             schedule.step()
+            step += 1
             total += float(loss.detach()) * len(index)
             seen += len(index)
         score = metrics.selection_score(predict(head, val_data), val_labels, multilabel)
@@ -135,6 +151,61 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     return best
 
 
+def trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def fit_without_gradients(head: nn.Module, train_feats: SplitFeatures, val_data: FeatureInput,
+                          val_labels: np.ndarray, multilabel: bool) -> TrainResult:
+    """Heads with nothing to train (zeroshot) or fitted in one pass (knn, ncm)."""
+    if hasattr(head, "fit"):
+        head.fit(train_feats.pooled, train_feats.labels)
+    head.to(val_data.device)
+    score = metrics.selection_score(predict(head, val_data), val_labels, multilabel)
+    return TrainResult(copy.deepcopy(head.state_dict()), 0, score)
+
+
+def match_head_to_loss(head: nn.Module, loss_fn: nn.Module, loss_name: str) -> None:
+    """LDAM is defined on a normalised classifier with a fixed scale ``s`` (Cao et al. 2019)."""
+    scale = getattr(loss_fn, "head_scale", None)
+    if scale is None:
+        return
+    if not isinstance(getattr(head, "classifier", None), CosineClassifier):
+        raise ConfigError(f"loss {loss_name!r} needs a normalised classifier: set `head: cosine` "
+                          f"(its scale is then fixed at `losses.{loss_name}.s` = {scale}).")
+    head.classifier.fix_scale(scale)
+
+
+def train_stage2(choice: stage2.Stage2Choice, params: Params, head: nn.Module, train_input: FeatureInput,
+                 val_input: FeatureInput, val_labels: np.ndarray, cfg: TrainConfig, seed: int, multilabel: bool,
+                 num_classes: int, device: torch.device, logger=None):
+    """Stage 2 on the frozen stage-1 representation; returns the two-stage model and a summary."""
+    head = stage2.frozen_copy(head)
+    stage2.check_head(choice.name, head)
+    model = stage2.rebuild(choice.name, head).to(device)
+    attrs = {"source": "stage-1 representation"}
+    train_rows = stage2.MemoryFeatures(stage2.representations(head, train_input), train_input.features.labels,
+                                       "stage-1 train representation", attrs)
+    if isinstance(train_input, ViewInput):
+        train_h = ViewInput(train_rows, "pooled", device, train_input.views, seed)
+    else:
+        train_h = FeatureInput(train_rows, "pooled", device)
+    val_h = FeatureInput(stage2.MemoryFeatures(stage2.representations(head, val_input), val_labels,
+                                               "stage-1 val representation", attrs), "pooled", device)
+    if not stage2.STAGE2.get(choice.name).trains:
+        return model, stage2.choose_tau(model, val_h, val_labels, multilabel)
+    task = "multi" if multilabel else "single"
+    loss_fn = losses.build(choice.loss, task, _optional_section(params, f"losses.{choice.loss}"),
+                           class_counts(train_h.labels, num_classes))
+    if getattr(loss_fn, "head_scale", None) is not None:
+        raise ConfigError(f"`stage2_methods.{choice.name}.loss` is {choice.loss!r}, which needs its own "
+                          "normalised classifier; stage 2 adjusts the stage-1 one. Use ce, grw or bsm.")
+    stage_logger = (lambda row: logger(dict(row, stage=2))) if logger is not None else None
+    result = train(stage2.OnRepresentation(head, model.adjuster), loss_fn, SAMPLERS.get(choice.sampler), train_h,
+                   val_h, val_labels, cfg, seed, multilabel, num_classes, device, stage_logger)
+    return model, {"best_epoch": result.best_epoch, "val_score": result.best_score}
+
+
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Images per class in the cached training split: the manifest's ``train_count`` less any
     image extraction skipped as unreadable."""
@@ -148,7 +219,8 @@ def _optional_section(params: Params, key: str) -> Optional[Params]:
 
 
 def run_stage(params: Params, logger=None) -> Dict:
-    """The `train` stage: fit the head named by `head` with `loss` and `sampler`."""
+    """The `train` stage: fit the head named by `head` with `loss` and `sampler`, then
+    the `stage2` method, if any, on the frozen result."""
     # Every choice is validated before any feature is loaded.
     prepared = manifest.load(paths.PREPARED_DIR)
     multilabel = check_task(params, prepared)
@@ -159,7 +231,10 @@ def run_stage(params: Params, logger=None) -> Dict:
     losses.check(loss_name, task)
     sampler_name = params.str("sampler")
     sampler = SAMPLERS.get(sampler_name)
-    stage2 = params.str("stage2", choices=STAGE2_METHODS)
+    second = stage2.Stage2Choice.from_params(params)
+    if second is not None:
+        losses.check(second.loss, task)
+        SAMPLERS.get(second.sampler)
     cfg = TrainConfig.from_params(params.sub("train"))
     seed = params.int("seed", minimum=0)
     device = resolve_device(params.str("model.device"))
@@ -173,8 +248,11 @@ def run_stage(params: Params, logger=None) -> Dict:
                             text.embeddings, text.logit_scale,
                             tokens_have_cls=str(train_feats.attrs.get("token_layer")) in ("pre_ln", "post_ln"))
     head = heads.build(head_name, _optional_section(params, f"heads.{head_name}"), ctx)
+    if second is not None:
+        stage2.check_head(second.name, head)
     loss_fn = losses.build(loss_name, task, _optional_section(params, f"losses.{loss_name}"),
                            class_counts(train_feats.labels, prepared.num_classes))
+    match_head_to_loss(head, loss_fn, loss_name)
     started = time.perf_counter()
     train_input = FeatureInput(train_feats, head.input, device)
     views_path = paths.FEATURES_DIR / "train_views.h5"
@@ -184,13 +262,24 @@ def run_stage(params: Params, logger=None) -> Dict:
         check_features(views, prepared)
         train_input = ViewInput(views, head.input, device, int(views.attrs["views"]), seed)
         print(f"training on {train_input.views} cached augmented views per image")
-    result = train(head, loss_fn, sampler, train_input,
-                   FeatureInput(val_feats, head.input, device), val_feats.labels, cfg, seed, multilabel,
-                   prepared.num_classes, device, logger)
-    seconds = time.perf_counter() - started
-    run = {"head": head_name, "loss": loss_name, "sampler": sampler_name, "stage2": stage2, "seed": seed}
-    heads.save_checkpoint(paths.HEAD_CHECKPOINT, head, head_name, run,
-                          best_epoch=result.best_epoch, val_score=result.best_score)
+    val_input = FeatureInput(val_feats, head.input, device)
+    if trainable(head):
+        result = train(head, loss_fn, sampler, train_input, val_input, val_feats.labels, cfg, seed, multilabel,
+                       prepared.num_classes, device, logger)
+    else:
+        result = fit_without_gradients(head, train_feats, val_input, val_feats.labels, multilabel)
+    summary = {"best_epoch": result.best_epoch, "val_score": result.best_score}
     print(f"trained {head_name} with {loss_name}: best validation score {result.best_score:.4f} "
-          f"at epoch {result.best_epoch} ({seconds:.1f}s)")
-    return {"best_epoch": result.best_epoch, "val_score": result.best_score, "seconds": round(seconds, 2)}
+          f"at epoch {result.best_epoch}")
+    model, extra = head, {}
+    if second is not None:
+        model, extra = train_stage2(second, params, head, train_input, val_input, val_feats.labels, cfg, seed,
+                                    multilabel, prepared.num_classes, device, logger)
+        print(f"stage 2 {second.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
+        summary.update({f"stage2_{k}": v for k, v in extra.items()})
+    seconds = time.perf_counter() - started
+    run = {"head": head_name, "loss": loss_name, "sampler": sampler_name,
+           "stage2": second.name if second else "none", "seed": seed}
+    heads.save_checkpoint(paths.HEAD_CHECKPOINT, model, head_name, run, stage2=run["stage2"], **summary)
+    print(f"training took {seconds:.1f}s")
+    return dict(summary, seconds=round(seconds, 2))

@@ -14,13 +14,15 @@ def main() -> None:
     # dvcyaml=None: the pipeline's dvc.yaml declares the plots; dvclive must not edit it mid-stage.
     with Live(dir=str(TRAIN_LOG_DIR), dvcyaml=None, save_dvc_exp=False, report=None) as live:
         def log(row):
-            live.log_metric("train/loss", row["train_loss"])
-            live.log_metric("val/score", row["val_score"])
-            live.log_metric("lr", row["lr"])
+            prefix = "stage2/" if row.get("stage") == 2 else ""  # stage-2 epochs continue the step count
+            live.log_metric(f"{prefix}train/loss", row["train_loss"])
+            live.log_metric(f"{prefix}val/score", row["val_score"])
+            live.log_metric(f"{prefix}lr", row["lr"])
             live.next_step()
 
         summary = run_stage(params, logger=log)
-        live.summary.update({"best_epoch": summary["best_epoch"], "best_val_score": summary["val_score"]})
+        live.summary.update({"best_epoch": summary["best_epoch"], "best_val_score": summary["val_score"],
+                             **{k: v for k, v in summary.items() if k.startswith("stage2_")}})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def context(features_dir, num_classes):
 
 
 def test_unknown_head_lists_names():
-    with pytest.raises(ConfigError, match=r"unknown head 'linaer'.*Valid names: cosine, decoder, linear"):
+    valid = "cosine, decoder, knn, linear, ncm, zeroshot"
+    with pytest.raises(ConfigError, match=rf"unknown head 'linaer'.*Valid names: {valid}"):
         heads.HEADS.get("linaer")
 
 

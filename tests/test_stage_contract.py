@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ltpipe import heads, losses
+from ltpipe import heads, losses, stage2
 from ltpipe.data import DATASETS
 from ltpipe.samplers import SAMPLERS
 from tests.conftest import REPO
@@ -47,6 +47,7 @@ def test_every_valid_name_has_its_params_section():
     assert set(heads.HEADS.names()) <= set(PARAMS["heads"])
     assert set(losses.LOSSES.names()) <= set(PARAMS["losses"])
     assert set(DATASETS.names()) <= set(PARAMS["datasets"])
+    assert set(stage2.STAGE2.names()) <= set(PARAMS["stage2_methods"])
 
 
 def test_default_choices_are_valid():
@@ -76,8 +77,8 @@ def declared(stage: str, key: str) -> bool:
                for p in STAGES[stage].get("params", []))
 
 
-@pytest.mark.parametrize("views", [0, 2])
-def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch, capsys, views):
+@pytest.mark.parametrize("views,second,posthoc", [(0, "none", "none"), (2, "marc", "logit_adjust")])
+def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch, capsys, views, second, posthoc):
     import importlib
 
     from ltpipe.config import Params
@@ -85,6 +86,8 @@ def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch, capsys, vi
 
     params = small_params()
     params["extract"]["views"] = views
+    params["stage2"] = second
+    params["evaluate"]["posthoc"] = posthoc
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
 

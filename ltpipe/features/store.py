@@ -143,6 +143,12 @@ class SplitFeatures:
     def __len__(self) -> int:
         return len(self.pooled)
 
+    @staticmethod
+    def read_labels(path: Path) -> np.ndarray:
+        """Only the labels of a split file (no features loaded)."""
+        with open_read(Path(path)) as fh:
+            return fh["labels"][:]
+
     def tokens(self, index: np.ndarray) -> np.ndarray:
         """Token grids of rows ``index`` as float32, in the order asked (repeats allowed)."""
         if not self.has_tokens:

@@ -43,7 +43,8 @@ def rebuild(name: str, kwargs: Dict) -> torch.nn.Module:
 
 def save_checkpoint(path: Path, head: torch.nn.Module, name: str, run: Dict, **extra) -> None:
     """Only tensors and plain values, so :func:`load_checkpoint` needs no unpickling of code."""
-    payload = {"head": name, "kwargs": head.kwargs, "run": run,
+    kwargs = head.head.kwargs if hasattr(head, "adjuster") else head.kwargs  # a stage-2 model wraps its head
+    payload = {"head": name, "kwargs": kwargs, "run": run,
                "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}, **extra}
     with atomic_target(path) as partial:
         torch.save(payload, partial)
@@ -56,9 +57,13 @@ def load_checkpoint(path: Path) -> Tuple[torch.nn.Module, Dict]:
         raise DataError(f"trained head {path} not found. Run `dvc repro train`.")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     head = rebuild(checkpoint["head"], checkpoint["kwargs"])
+    if checkpoint.get("stage2", "none") != "none":
+        from ltpipe import stage2  # stage-2 methods wrap heads; imported late to avoid a cycle
+
+        head = stage2.rebuild(checkpoint["stage2"], head)
     head.load_state_dict(checkpoint["state_dict"])
     return head.eval(), checkpoint["run"]
 
 
 # Import for registration side effects.
-from ltpipe.heads import decoder, linear  # noqa: E402,F401
+from ltpipe.heads import decoder, linear, neighbors, zeroshot  # noqa: E402,F401

@@ -54,7 +54,10 @@ class DecoderHead(nn.Module):
                        "mlp_ratio": mlp_ratio, "final_norm": final_norm, "readout": readout}
         self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-5) if final_norm else nn.Identity()
-        self.classifier = nn.Linear(dim, num_classes)
+        self.classifier = self.make_classifier()
+
+    def make_classifier(self) -> nn.Module:
+        return nn.Linear(self.kwargs["dim"], self.kwargs["num_classes"])
 
     @classmethod
     def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "DecoderHead":
@@ -70,7 +73,10 @@ class DecoderHead(nn.Module):
                    mlp_ratio=section.float("mlp_ratio", minimum=0, exclusive_minimum=True, default=0.5),
                    final_norm=section.bool("final_norm", default=False), readout=readout)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The representation the classifier reads (what two-stage methods freeze)."""
         x = self.blocks(tokens)
-        pooled = x[:, 0] if self.readout == "cls" else x.mean(dim=1)
-        return self.classifier(self.norm(pooled))
+        return self.norm(x[:, 0] if self.readout == "cls" else x.mean(dim=1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(tokens))

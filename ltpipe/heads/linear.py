@@ -29,8 +29,41 @@ def _text_init(section: Optional[Params], ctx: HeadContext) -> Optional[np.ndarr
     return ctx.text_embeddings
 
 
+class CosineClassifier(nn.Module):
+    """``z = s * cos(h, w_c)`` with a learnable scale ``s`` (the normalised classifier of
+    LDAM, Cao et al. 2019, and LIFT)."""
+
+    def __init__(self, in_dim: int, num_classes: int, scale: float = 16.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    def effective_weight(self) -> torch.Tensor:
+        """The matrix ``W'`` with ``z = W' h`` for unit-norm ``h``."""
+        return self.log_scale.exp() * F.normalize(self.weight, dim=-1)
+
+    def fix_scale(self, scale: float) -> None:
+        """Hold ``s`` at ``scale`` (LDAM trains ``s * cos`` with a fixed ``s``)."""
+        with torch.no_grad():
+            self.log_scale.fill_(math.log(scale))
+        self.log_scale.requires_grad_(False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.log_scale.exp() * F.linear(F.normalize(h, dim=-1), F.normalize(self.weight, dim=-1))
+
+
 class _PooledHead(nn.Module):
+    """A classifier on L2-normalised pooled features. ``features`` and ``classifier`` are
+    what two-stage methods (``ltpipe.stage2``) freeze, re-initialise or adjust."""
+
     input = "pooled"
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
 
 
 @HEADS.register("linear")
@@ -41,7 +74,10 @@ class LinearHead(_PooledHead):
     def __init__(self, in_dim: int, num_classes: int):
         super().__init__()
         self.kwargs = {"in_dim": in_dim, "num_classes": num_classes}
-        self.fc = nn.Linear(in_dim, num_classes)
+        self.classifier = self.make_classifier()
+
+    def make_classifier(self) -> nn.Module:
+        return nn.Linear(self.kwargs["in_dim"], self.kwargs["num_classes"])
 
     @classmethod
     def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "LinearHead":
@@ -49,25 +85,22 @@ class LinearHead(_PooledHead):
         text = _text_init(section, ctx)
         if text is not None:
             with torch.no_grad():
-                head.fc.weight.copy_(torch.as_tensor(text) * ctx.logit_scale)
-                head.fc.bias.zero_()
+                head.classifier.weight.copy_(torch.as_tensor(text) * ctx.logit_scale)
+                head.classifier.bias.zero_()
         return head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.normalize(x, dim=-1))
 
 
 @HEADS.register("cosine")
 class CosineHead(_PooledHead):
-    """``z = s * cos(x, w_c)`` with a learnable scale ``s`` (cosine classifier, as in
-    LIFT's and LDAM's normalised heads)."""
+    """A :class:`CosineClassifier` on normalised pooled features."""
 
     def __init__(self, in_dim: int, num_classes: int, scale: float = 16.0):
         super().__init__()
         self.kwargs = {"in_dim": in_dim, "num_classes": num_classes, "scale": scale}
-        self.weight = nn.Parameter(torch.empty(num_classes, in_dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        self.classifier = self.make_classifier()
+
+    def make_classifier(self) -> nn.Module:
+        return CosineClassifier(self.kwargs["in_dim"], self.kwargs["num_classes"], self.kwargs["scale"])
 
     @classmethod
     def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "CosineHead":
@@ -76,8 +109,5 @@ class CosineHead(_PooledHead):
         text = _text_init(section, ctx)
         if text is not None:
             with torch.no_grad():
-                head.weight.copy_(torch.as_tensor(text))
+                head.classifier.weight.copy_(torch.as_tensor(text))
         return head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.log_scale.exp() * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))

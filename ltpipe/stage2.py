@@ -1,0 +1,227 @@
+"""Two-stage methods (`stage2:`): adjust the classifier of a trained stage-1 head.
+
+The stage-1 head's representation ``h = head.features(x)`` is frozen, computed once
+for every cached training and validation row, and only the parameters a method
+names are trained on it, with the method's loss and sampler
+(`stage2_methods.<name>`) and the stage-1 `train` settings (Imbalance-VLM trains
+stage 2 with the stage-1 optimiser and schedule). The result is a
+:class:`TwoStageHead` that predicts from raw cached features.
+
+Fixes over Imbalance-VLM's code (Wang et al., IJCV 2023): cRT re-initialises the
+classifier (theirs kept the stage-1 one for CLIP models); MARC's weight norms are a
+buffer saved with the model (theirs were recomputed from a random classifier when
+loading); tau-normalisation, absent there, is added with tau chosen on validation.
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ltpipe import metrics
+from ltpipe.config import Params
+from ltpipe.errors import ConfigError
+from ltpipe.inference import FeatureInput, predict
+from ltpipe.registry import Registry
+
+
+class TwoStageHead(nn.Module):
+    """A stage-1 head whose logits come from a stage-2 ``adjuster(h, head)``."""
+
+    def __init__(self, head: nn.Module, adjuster: nn.Module):
+        super().__init__()
+        self.head = head
+        self.adjuster = adjuster
+        self.input = head.input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adjuster(self.head.features(x), self.head)
+
+
+class OnRepresentation(nn.Module):
+    """What stage 2 trains: the adjuster on precomputed ``h``, the stage-1 head frozen."""
+
+    def __init__(self, head: nn.Module, adjuster: nn.Module):
+        super().__init__()
+        self.head = head
+        self.adjuster = adjuster
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.adjuster(h, self.head)
+
+
+def classifier_weight(head: nn.Module) -> torch.Tensor:
+    """``W`` with ``z = W h (+ b)`` for the head's classifier."""
+    classifier = head.classifier
+    if hasattr(classifier, "effective_weight"):
+        return classifier.effective_weight()
+    return classifier.weight
+
+
+class CRT(nn.Module):
+    """Classifier re-training (Kang et al., ICLR 2020, Sec. 4): a freshly initialised
+    classifier of the stage-1 kind on the frozen representation, class-balanced sampling."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.classifier = head.make_classifier()
+
+    def forward(self, h, head):
+        return self.classifier(h)
+
+
+class LWS(nn.Module):
+    """Learnable weight scaling (Kang et al. 2020): ``z' = s ⊙ (W h + b)``, ``s`` init 1."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.scales = nn.Parameter(torch.ones(head.kwargs["num_classes"]))
+
+    def forward(self, h, head):
+        return self.scales * head.classifier(h)
+
+
+class TauNorm(nn.Module):
+    """tau-normalised classifier (Kang et al. 2020, Eq. 3): ``w_c / ||w_c||^tau``, no bias
+    (as Kang et al.'s code). No training: tau is picked on the validation split."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        if not isinstance(head.classifier, nn.Linear):
+            raise ConfigError("`stage2: tau_norm` needs a classifier with free weight norms (head linear or "
+                              "decoder); a cosine head's weights are normalised already.")
+        self.register_buffer("tau", torch.tensor(1.0))
+
+    def forward(self, h, head):
+        weight = head.classifier.weight
+        return h @ (weight / weight.norm(dim=1, keepdim=True).pow(self.tau)).T
+
+
+class DisAlign(nn.Module):
+    """Distribution alignment (Zhang et al., CVPR 2021, Eq. 3-4): ``sigma = sigmoid(v.h + c)``,
+    ``z' = (1 + sigma alpha) ⊙ z + sigma beta``, alpha init 1, beta init 0, ``v`` init 0.1 (their
+    code; Imbalance-VLM kept PyTorch's default init)."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        num_classes = head.kwargs["num_classes"]
+        self.confidence = nn.Linear(classifier_weight(head).shape[1], 1)
+        nn.init.constant_(self.confidence.weight, 0.1)
+        self.alpha = nn.Parameter(torch.ones(1, num_classes))
+        self.beta = nn.Parameter(torch.zeros(1, num_classes))
+
+    def forward(self, h, head):
+        sigma = torch.sigmoid(self.confidence(h))
+        return (1 + sigma * self.alpha) * head.classifier(h) + sigma * self.beta
+
+
+class MARC(nn.Module):
+    """Margin calibration (Wang et al. 2021, Eq. 6): ``z' = a ⊙ z + b ⊙ ||w_c||``, a init 1,
+    b init 0. The stage-1 weight norms are a buffer, so they survive save and load."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        num_classes = head.kwargs["num_classes"]
+        self.a = nn.Parameter(torch.ones(1, num_classes))
+        self.b = nn.Parameter(torch.zeros(1, num_classes))
+        self.register_buffer("weight_norm", classifier_weight(head).detach().norm(dim=1).reshape(1, -1).clone())
+
+    def forward(self, h, head):
+        return self.a * head.classifier(h) + self.b * self.weight_norm
+
+
+@dataclass(frozen=True)
+class Method:
+    build: Callable[[nn.Module], nn.Module]
+    loss: str  # defaults, overridable in `stage2_methods.<name>`
+    sampler: str
+    trains: bool = True
+
+
+STAGE2: Registry[Method] = Registry("stage-2 method", "stage2")
+STAGE2.register("crt")(Method(CRT, "ce", "class_balanced"))
+STAGE2.register("lws")(Method(LWS, "ce", "class_balanced"))
+STAGE2.register("tau_norm")(Method(TauNorm, "ce", "instance", trains=False))
+STAGE2.register("disalign")(Method(DisAlign, "grw", "instance"))
+STAGE2.register("marc")(Method(MARC, "grw", "instance"))
+NAMES = ("none",) + tuple(STAGE2.names())
+
+
+def check_head(name: str, head: nn.Module) -> None:
+    if not (hasattr(head, "features") and hasattr(head, "make_classifier")):
+        raise ConfigError(f"`stage2: {name}` adjusts a trained classifier; head {type(head).__name__} has none. "
+                          "Use head linear, cosine or decoder, or `stage2: none`.")
+
+
+def rebuild(name: str, head: nn.Module) -> TwoStageHead:
+    """An untrained two-stage model of the right shapes, for loading a checkpoint into."""
+    return TwoStageHead(head, STAGE2.get(name).build(head))
+
+
+@dataclass
+class Stage2Choice:
+    name: str
+    loss: str
+    sampler: str
+
+    @classmethod
+    def from_params(cls, params: Params) -> Optional["Stage2Choice"]:
+        name = params.str("stage2", choices=NAMES)
+        if name == "none":
+            return None
+        method = STAGE2.get(name)
+        section = params.sub(f"stage2_methods.{name}") if isinstance(
+            params.raw(f"stage2_methods.{name}", None), dict) else None
+        loss = section.str("loss", default=method.loss) if section else method.loss
+        sampler = section.str("sampler", default=method.sampler) if section else method.sampler
+        return cls(name, loss, sampler)
+
+
+class MemoryFeatures:
+    """Precomputed representations, shaped like a :class:`SplitFeatures` for :class:`FeatureInput`."""
+
+    has_tokens = False
+
+    def __init__(self, pooled: np.ndarray, labels: np.ndarray, path: str, attrs: Dict):
+        self.pooled = pooled
+        self.labels = labels
+        self.path = path
+        self.attrs = attrs
+
+    def __len__(self) -> int:
+        return len(self.pooled)
+
+
+def representations(head: nn.Module, data: FeatureInput, batch_size: int = 1024) -> np.ndarray:
+    """``head.features`` of every row of the cached file behind ``data`` (all views, if any)."""
+    rows = FeatureInput(data.features, head.input, data.device)
+    head.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            index = np.arange(start, min(start + batch_size, len(rows)))
+            out.append(head.features(rows.batch(index)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def choose_tau(model: TwoStageHead, val_h: FeatureInput, val_labels: np.ndarray, multilabel: bool) -> Dict:
+    """tau from ``metrics.TAU_GRID`` (0 to 2) with the best validation score."""
+    on_h = OnRepresentation(model.head, model.adjuster)
+
+    def score(tau: float) -> float:
+        model.adjuster.tau.fill_(tau)
+        return metrics.selection_score(predict(on_h, val_h), val_labels, multilabel)
+
+    tau, best = metrics.pick_on_validation(metrics.TAU_GRID, score)
+    model.adjuster.tau.fill_(tau)
+    return {"tau": tau, "val_score": best}
+
+
+def frozen_copy(head: nn.Module) -> nn.Module:
+    head = copy.deepcopy(head)
+    for param in head.parameters():
+        param.requires_grad_(False)
+    return head.eval()
