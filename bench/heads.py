@@ -68,9 +68,8 @@ def one_head(name: str, work: Path) -> dict:
 
     torch.manual_seed(0)
     cpu = torch.device("cpu")
-    source = work / ("tokens.h5" if name == "decoder" else "pooled.h5")
-    feats = SplitFeatures(source)
-    val = SplitFeatures(work / "val.h5")
+    feats = SplitFeatures(work / ("tokens.h5" if name == "decoder" else "pooled.h5"))
+    val = SplitFeatures(work / ("val_tokens.h5" if name == "decoder" else "val.h5"))
     text = np.random.default_rng(1).standard_normal((CLASSES, DIM)).astype(np.float32)
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     ctx = heads.HeadContext(CLASSES, DIM, feats.token_shape, text, 100.0)
@@ -101,14 +100,15 @@ def one_head(name: str, work: Path) -> dict:
     return out
 
 
-def part_scale(work: Path) -> None:
+def part_scale(work: Path, names) -> None:
     rng = np.random.default_rng(0)
     write_cache(work / "pooled.h5", TRAIN, False, rng)
     write_cache(work / "tokens.h5", TOKEN_ROWS, True, rng)
     write_cache(work / "val.h5", 24_426, False, rng)  # iNat-2018 val size
+    write_cache(work / "val_tokens.h5", 2048, True, rng)
     print(f"8,142 classes; {TRAIN:,} training rows of {DIM}-d pooled features (float32 in memory); decoder: "
           f"{TOKEN_ROWS:,} rows of {TOKENS}x{WIDTH} float16 tokens on disk; batch {BATCH}")
-    for name in ("linear", "cosine", "decoder", "zeroshot", "knn", "ncm"):
+    for name in names:
         result = subprocess.run([sys.executable, __file__, "--one", name, "--work", str(work)],
                                 capture_output=True, text=True, cwd=REPO)
         if result.returncode:
@@ -199,6 +199,7 @@ def part_recompute(work: Path, epochs: int = 10) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", type=int, choices=(1, 2))
+    parser.add_argument("--heads", default="linear,cosine,decoder,zeroshot,knn,ncm", help="part 1: which heads")
     parser.add_argument("--one")
     parser.add_argument("--work")
     args = parser.parse_args()
@@ -211,7 +212,7 @@ def main():
             part_recompute(Path(tmp) / "recompute")
         if args.part in (None, 1):
             (Path(tmp) / "scale").mkdir()
-            part_scale(Path(tmp) / "scale")
+            part_scale(Path(tmp) / "scale", args.heads.split(","))
 
 
 if __name__ == "__main__":

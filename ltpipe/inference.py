@@ -43,11 +43,14 @@ class FeatureInput:
 @torch.inference_mode()
 def predict(head: nn.Module, data: FeatureInput, batch_size: int = 1024) -> np.ndarray:
     head.eval()
-    out = []
+    out = None  # filled in place: one [N, C] array, not a list of batches and their concatenation
     for start in range(0, len(data), batch_size):
         index = np.arange(start, min(start + batch_size, len(data)))
-        out.append(head(data.batch(index)).float().cpu())
-    return torch.cat(out).numpy()
+        logits = head(data.batch(index)).float().cpu().numpy()
+        if out is None:
+            out = np.empty((len(data), logits.shape[1]), dtype=np.float32)
+        out[index[0]:index[-1] + 1] = logits
+    return out
 
 
 class ViewInput(FeatureInput):

@@ -52,6 +52,23 @@ def test_loss_experiment_reruns_only_train_and_evaluate(repo):
     assert "bsm-run" in shown and "bsm" in shown
 
 
+def test_two_stage_and_posthoc_experiments(repo):
+    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "loss=ldam", "-S", "stage2=marc")
+    assert dvc_repo.stages_run(result.stdout) == ["train", "evaluate"]
+    metrics = json.loads((repo / "metrics/eval.json").read_text())
+    assert (metrics["loss"], metrics["stage2"], metrics["posthoc"]) == ("ldam", "marc", "none")
+    assert "stage2/val/score" in (repo / "metrics/train/metrics.json").read_text() or \
+        (repo / "metrics/train/plots/metrics/stage2/val/score.tsv").is_file()
+    # A post-hoc change re-runs evaluate only.
+    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "loss=ldam", "-S", "stage2=marc",
+                          "-S", "evaluate.posthoc=logit_adjust")
+    assert dvc_repo.stages_run(result.stdout) == ["evaluate"]
+    adjusted = json.loads((repo / "metrics/eval.json").read_text())
+    assert adjusted["posthoc"] == "logit_adjust" and 0 <= adjusted["posthoc_tau"] <= 2
+    dvc_repo.run(repo, "git", "checkout", "--", ".")
+    dvc_repo.run(repo, "dvc", "checkout", "--force")
+
+
 def test_unknown_loss_fails_before_work_with_valid_names(repo):
     result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "loss=focl", check=False)
     assert result.returncode != 0
