@@ -131,6 +131,16 @@ class Params:
             raise ConfigError(f"`{self._full(key)}` must be a mapping, got {value!r}.")
         return Params(value, self.source, self._full(key))
 
+    def optional_sub(self, key: str) -> Optional["Params"]:
+        """A method's options section (`losses.<name>`, ...): ``None`` when absent or null, so
+        the method's defaults apply; an error when it is there but not a mapping."""
+        value = self.raw(key, None)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ConfigError(f"`{self._full(key)}` must be a mapping of options (e.g. `{{}}`), got {value!r}.")
+        return Params(value, self.source, self._full(key))
+
 
 def _check_range(key: str, value, minimum, maximum) -> None:
     if minimum is not None and value < minimum:

@@ -104,9 +104,6 @@ def logit_adjust(logits: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarra
 def posthoc_logit_adjust(head, device, prepared: manifest.Prepared) -> Tuple[float, np.ndarray]:
     """tau from ``metrics.TAU_GRID`` chosen on the validation split (tau = 0 is no adjustment, so the
     validation score never drops), and the training log-prior it adjusts by."""
-    if prepared.multilabel:
-        raise ConfigError("`evaluate.posthoc: logit_adjust` is defined for single-label tasks (softmax "
-                          "over classes). Set `evaluate.posthoc: none`.")
     val = SplitFeatures(paths.FEATURES_DIR / "val.h5")
     val_logits = predict(head, FeatureInput(val, head.input, device))
     prior = log_prior(SplitFeatures.read_labels(paths.FEATURES_DIR / "train.h5"), prepared.num_classes)
@@ -120,6 +117,9 @@ def run_evaluate(params: Params) -> Dict:
     prepared = manifest.load(paths.PREPARED_DIR)
     check_task(params, prepared)
     posthoc = params.str("evaluate.posthoc", choices=POSTHOC)
+    if posthoc == "logit_adjust" and prepared.multilabel:
+        raise ConfigError("`evaluate.posthoc: logit_adjust` is defined for single-label tasks (softmax "
+                          "over classes). Set `evaluate.posthoc: none`.")
     device = resolve_device(params.str("model.device"))
     head, run = load_checkpoint(paths.HEAD_CHECKPOINT)
     head.to(device)

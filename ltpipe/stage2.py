@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ltpipe import metrics
+from ltpipe import losses, metrics
 from ltpipe.config import Params
 from ltpipe.errors import ConfigError
 from ltpipe.inference import FeatureInput, predict
 from ltpipe.registry import Registry
+from ltpipe.samplers import SAMPLERS
 
 
 class TwoStageHead(nn.Module):
@@ -110,8 +111,9 @@ class DisAlign(nn.Module):
         num_classes = head.kwargs["num_classes"]
         self.confidence = nn.Linear(classifier_weight(head).shape[1], 1)
         nn.init.constant_(self.confidence.weight, 0.1)
-        self.alpha = nn.Parameter(torch.ones(1, num_classes))
-        self.beta = nn.Parameter(torch.zeros(1, num_classes))
+        # 1-D, so weight decay (matrices only) leaves them alone, as LWS's scales.
+        self.alpha = nn.Parameter(torch.ones(num_classes))
+        self.beta = nn.Parameter(torch.zeros(num_classes))
 
     def forward(self, h, head):
         sigma = torch.sigmoid(self.confidence(h))
@@ -125,9 +127,9 @@ class MARC(nn.Module):
     def __init__(self, head: nn.Module):
         super().__init__()
         num_classes = head.kwargs["num_classes"]
-        self.a = nn.Parameter(torch.ones(1, num_classes))
-        self.b = nn.Parameter(torch.zeros(1, num_classes))
-        self.register_buffer("weight_norm", classifier_weight(head).detach().norm(dim=1).reshape(1, -1).clone())
+        self.a = nn.Parameter(torch.ones(num_classes))  # 1-D: exempt from weight decay
+        self.b = nn.Parameter(torch.zeros(num_classes))
+        self.register_buffer("weight_norm", classifier_weight(head).detach().norm(dim=1).clone())
 
     def forward(self, h, head):
         return self.a * head.classifier(h) + self.b * self.weight_norm
@@ -164,19 +166,27 @@ def rebuild(name: str, head: nn.Module) -> TwoStageHead:
 @dataclass
 class Stage2Choice:
     name: str
-    loss: str
-    sampler: str
+    loss: Optional[str]  # None for methods that train nothing (tau_norm)
+    sampler: Optional[str]
 
     @classmethod
-    def from_params(cls, params: Params) -> Optional["Stage2Choice"]:
+    def from_params(cls, params: Params, task: str) -> Optional["Stage2Choice"]:
+        """`stage2` and its `stage2_methods.<name>` loss and sampler, validated against ``task``."""
         name = params.str("stage2", choices=NAMES)
         if name == "none":
             return None
         method = STAGE2.get(name)
-        section = params.sub(f"stage2_methods.{name}") if isinstance(
-            params.raw(f"stage2_methods.{name}", None), dict) else None
+        section = params.optional_sub(f"stage2_methods.{name}")
+        if not method.trains:
+            return cls(name, None, None)
+        key = f"stage2_methods.{name}"
         loss = section.str("loss", default=method.loss) if section else method.loss
         sampler = section.str("sampler", default=method.sampler) if section else method.sampler
+        valid = [n for n in losses.LOSSES.names() if losses.LOSSES.get(n).task == task]
+        if loss not in valid:
+            raise ConfigError(f"`{key}.loss` is {loss!r}; for this {task}-label task use one of: {', '.join(valid)}.")
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"`{key}.sampler` is {sampler!r}; valid: {', '.join(SAMPLERS.names())}.")
         return cls(name, loss, sampler)
 
 

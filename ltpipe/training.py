@@ -97,7 +97,7 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     """Fit the trainable parameters of ``head``; keep the state with the best validation score.
 
     Losses that change over training (LDAM's deferred re-weighting) get
-    ``loss_fn.set_epoch(epoch, epochs)`` before each epoch.
+    ``loss_fn.set_progress(step, total_steps)`` before each step.
     """
     head.to(device)
     loss_fn.to(device)
@@ -107,17 +107,18 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
     total_steps = cfg.iterations or cfg.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    if warmup_steps >= total_steps:
+        print(f"WARNING: the warm-up ({warmup_steps} steps, `train.warmup_epochs`) covers all {total_steps} "
+              "training steps: the learning rate never reaches `train.lr` nor decays.")
     optimizer = make_optimizer(head, cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, round(cfg.warmup_epochs * steps_per_epoch)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
     best: Optional[TrainResult] = None
     history = []
     step = 0
     for epoch in range(epochs):
         head.train()
         train_data.set_epoch(epoch)
-        if hasattr(loss_fn, "set_epoch"):
-            loss_fn.set_epoch(epoch, epochs)
         order = sampler(members, len(train_data), seed, epoch)
         total, seen = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
@@ -125,6 +126,8 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
                 break
             # A batch is a set (the loss is its mean); sorted rows read the feature cache forwards.
             index = np.sort(order[start:start + cfg.batch_size])
+            if hasattr(loss_fn, "set_progress"):
+                loss_fn.set_progress(step, total_steps)
             logits = head(train_data.batch(index))
             loss = loss_fn(logits, target[torch.from_numpy(index)].to(device))
             if not torch.isfinite(loss):
@@ -176,12 +179,34 @@ def match_head_to_loss(head: nn.Module, loss_fn: nn.Module, loss_name: str) -> N
     head.classifier.fix_scale(scale)
 
 
-def train_stage2(choice: stage2.Stage2Choice, params: Params, head: nn.Module, train_input: FeatureInput,
-                 val_input: FeatureInput, val_labels: np.ndarray, cfg: TrainConfig, seed: int, multilabel: bool,
-                 num_classes: int, device: torch.device, logger=None):
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Images per class in the cached training split: the manifest's ``train_count`` less any
+    image extraction skipped as unreadable."""
+    if labels.ndim == 1:
+        return np.bincount(labels, minlength=num_classes)
+    return labels.sum(axis=0, dtype=np.int64)
+
+
+def stage2_loss(choice: stage2.Stage2Choice, params: Params, head: nn.Module, task: str,
+                counts: np.ndarray) -> Optional[nn.Module]:
+    """Validate the stage-2 method against the stage-1 head and build its loss, before any
+    training: a method that cannot apply fails here, not after stage 1 has trained."""
+    stage2.check_head(choice.name, head)
+    stage2.rebuild(choice.name, stage2.frozen_copy(head))  # method-specific refusals (tau_norm on cosine)
+    if choice.loss is None:
+        return None
+    loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"), counts)
+    if getattr(loss_fn, "head_scale", None) is not None:
+        raise ConfigError(f"`stage2_methods.{choice.name}.loss` is {choice.loss!r}, which needs its own "
+                          "normalised classifier; stage 2 adjusts the stage-1 one. Use ce, grw or bsm.")
+    return loss_fn
+
+
+def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head: nn.Module,
+                 train_input: FeatureInput, val_input: FeatureInput, val_labels: np.ndarray, cfg: TrainConfig,
+                 seed: int, multilabel: bool, num_classes: int, device: torch.device, logger=None):
     """Stage 2 on the frozen stage-1 representation; returns the two-stage model and a summary."""
     head = stage2.frozen_copy(head)
-    stage2.check_head(choice.name, head)
     model = stage2.rebuild(choice.name, head).to(device)
     attrs = {"source": "stage-1 representation"}
     train_rows = stage2.MemoryFeatures(stage2.representations(head, train_input), train_input.features.labels,
@@ -192,30 +217,12 @@ def train_stage2(choice: stage2.Stage2Choice, params: Params, head: nn.Module, t
         train_h = FeatureInput(train_rows, "pooled", device)
     val_h = FeatureInput(stage2.MemoryFeatures(stage2.representations(head, val_input), val_labels,
                                                "stage-1 val representation", attrs), "pooled", device)
-    if not stage2.STAGE2.get(choice.name).trains:
+    if loss_fn is None:
         return model, stage2.choose_tau(model, val_h, val_labels, multilabel)
-    task = "multi" if multilabel else "single"
-    loss_fn = losses.build(choice.loss, task, _optional_section(params, f"losses.{choice.loss}"),
-                           class_counts(train_h.labels, num_classes))
-    if getattr(loss_fn, "head_scale", None) is not None:
-        raise ConfigError(f"`stage2_methods.{choice.name}.loss` is {choice.loss!r}, which needs its own "
-                          "normalised classifier; stage 2 adjusts the stage-1 one. Use ce, grw or bsm.")
     stage_logger = (lambda row: logger(dict(row, stage=2))) if logger is not None else None
     result = train(stage2.OnRepresentation(head, model.adjuster), loss_fn, SAMPLERS.get(choice.sampler), train_h,
                    val_h, val_labels, cfg, seed, multilabel, num_classes, device, stage_logger)
     return model, {"best_epoch": result.best_epoch, "val_score": result.best_score}
-
-
-def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Images per class in the cached training split: the manifest's ``train_count`` less any
-    image extraction skipped as unreadable."""
-    if labels.ndim == 1:
-        return np.bincount(labels, minlength=num_classes)
-    return labels.sum(axis=0, dtype=np.int64)
-
-
-def _optional_section(params: Params, key: str) -> Optional[Params]:
-    return params.sub(key) if isinstance(params.raw(key, None), dict) else None
 
 
 def run_stage(params: Params, logger=None) -> Dict:
@@ -231,10 +238,7 @@ def run_stage(params: Params, logger=None) -> Dict:
     losses.check(loss_name, task)
     sampler_name = params.str("sampler")
     sampler = SAMPLERS.get(sampler_name)
-    second = stage2.Stage2Choice.from_params(params)
-    if second is not None:
-        losses.check(second.loss, task)
-        SAMPLERS.get(second.sampler)
+    second = stage2.Stage2Choice.from_params(params, task)
     cfg = TrainConfig.from_params(params.sub("train"))
     seed = params.int("seed", minimum=0)
     device = resolve_device(params.str("model.device"))
@@ -247,12 +251,11 @@ def run_stage(params: Params, logger=None) -> Dict:
     ctx = heads.HeadContext(prepared.num_classes, train_feats.pooled.shape[1], train_feats.token_shape,
                             text.embeddings, text.logit_scale,
                             tokens_have_cls=str(train_feats.attrs.get("token_layer")) in ("pre_ln", "post_ln"))
-    head = heads.build(head_name, _optional_section(params, f"heads.{head_name}"), ctx)
-    if second is not None:
-        stage2.check_head(second.name, head)
-    loss_fn = losses.build(loss_name, task, _optional_section(params, f"losses.{loss_name}"),
-                           class_counts(train_feats.labels, prepared.num_classes))
+    head = heads.build(head_name, params.optional_sub(f"heads.{head_name}"), ctx)
+    counts = class_counts(train_feats.labels, prepared.num_classes)
+    loss_fn = losses.build(loss_name, task, params.optional_sub(f"losses.{loss_name}"), counts)
     match_head_to_loss(head, loss_fn, loss_name)
+    second_loss = stage2_loss(second, params, head, task, counts) if second is not None else None
     started = time.perf_counter()
     train_input = FeatureInput(train_feats, head.input, device)
     views_path = paths.FEATURES_DIR / "train_views.h5"
@@ -273,7 +276,7 @@ def run_stage(params: Params, logger=None) -> Dict:
           f"at epoch {result.best_epoch}")
     model, extra = head, {}
     if second is not None:
-        model, extra = train_stage2(second, params, head, train_input, val_input, val_feats.labels, cfg, seed,
+        model, extra = train_stage2(second, second_loss, head, train_input, val_input, val_feats.labels, cfg, seed,
                                     multilabel, prepared.num_classes, device, logger)
         print(f"stage 2 {second.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
         summary.update({f"stage2_{k}": v for k, v in extra.items()})

@@ -115,9 +115,9 @@ def test_a_class_without_training_images_is_handled(name):
 
 
 @pytest.mark.parametrize("name", SINGLE)
-def test_only_ldam_has_an_epoch_hook_and_a_head_scale(name):
+def test_only_ldam_has_a_progress_hook_and_a_head_scale(name):
     loss = build(name)
-    assert hasattr(loss, "set_epoch") == (name == "ldam")
+    assert hasattr(loss, "set_progress") == (name == "ldam")
     assert hasattr(loss, "head_scale") == (name == "ldam")
 
 
@@ -261,21 +261,26 @@ def test_ldam_drw_schedule_and_weights_by_hand():
     plain = sum(terms) / 2
     # Cao et al.'s code: F.cross_entropy(weight=w), the weighted mean.
     reweighted = sum(w[y] * t for (_, y), t in zip(rows(), terms)) / sum(w[y] for _, y in rows())
-    # drw_start 0.8 of 10 epochs: epochs 0..7 plain, 8 and 9 re-weighted.
+    # drw_start 0.8 of 10 steps: steps 0..7 plain, 8 and 9 re-weighted.
     seen = []
-    for epoch in range(10):
-        loss.set_epoch(epoch, 10)
+    for step in range(10):
+        loss.set_progress(step, 10)
         seen.append(loss(LOGITS, TARGET).item())
     assert seen[:8] == pytest.approx([plain] * 8, rel=1e-6)
     assert seen[8:] == pytest.approx([reweighted] * 2, rel=1e-6)
+    # Two epochs of 13 steps: re-weighting starts at step 21 (round(0.8 * 26)), inside epoch 2.
+    loss.set_progress(20, 26)
+    assert loss(LOGITS, TARGET).item() == pytest.approx(plain, rel=1e-6)
+    loss.set_progress(21, 26)
+    assert loss(LOGITS, TARGET).item() == pytest.approx(reweighted, rel=1e-6)
     assert reweighted != pytest.approx(plain, rel=1e-3)
     # drw: false never re-weights; drw_start: 0 re-weights from the start.
     off = build("ldam", s=2.0, max_m=0.4, drw=False)
-    off.set_epoch(9, 10)
+    off.set_progress(9, 10)
     assert off(LOGITS, TARGET).item() == pytest.approx(plain, rel=1e-6)
     early = build("ldam", s=2.0, max_m=0.4, drw_beta=0.99, drw_start=0.0)
     assert early(LOGITS, TARGET).item() == pytest.approx(reweighted, rel=1e-6)
-    early.set_epoch(0, 10)
+    early.set_progress(0, 10)
     assert early(LOGITS, TARGET).item() == pytest.approx(reweighted, rel=1e-6)
 
 

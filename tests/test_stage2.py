@@ -10,7 +10,7 @@ from ltpipe.errors import ConfigError
 from ltpipe.evaluation import log_prior, logit_adjust
 from ltpipe.features.store import SplitFeatures
 from ltpipe.inference import FeatureInput, predict
-from ltpipe.training import TrainConfig, match_head_to_loss, train_stage2
+from ltpipe.training import TrainConfig, match_head_to_loss, stage2_loss, train_stage2
 
 CPU = torch.device("cpu")
 COUNTS = [200, 80, 30, 10, 4]
@@ -45,12 +45,16 @@ def stage1(head_name="linear", seed=0):
     return head, memory_input(x, y), memory_input(vx, vy), vy
 
 
-def run(name, head_name="linear", epochs=5, **choice):
+def run(name, head_name="linear", epochs=5, adjuster_before=None):
     head, train_in, val_in, val_labels = stage1(head_name)
-    method = stage2.STAGE2.get(name)
-    picked = stage2.Stage2Choice(name, choice.get("loss", method.loss), choice.get("sampler", method.sampler))
+    picked = stage2.Stage2Choice.from_params(Params({"stage2": name}), "single")
+    loss_fn = stage2_loss(picked, PARAMS, head, "single", np.array(COUNTS))
     cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, warmup_epochs=0)
-    model, summary = train_stage2(picked, PARAMS, head, train_in, val_in, val_labels, cfg, 0, False,
+    if adjuster_before is not None:  # the adjuster's initial state, from the same seeded build
+        torch.manual_seed(123)
+        adjuster_before.update(state(stage2.rebuild(name, stage2.frozen_copy(head)).adjuster))
+    torch.manual_seed(123)
+    model, summary = train_stage2(picked, loss_fn, head, train_in, val_in, val_labels, cfg, 0, False,
                                   len(COUNTS), CPU)
     return head, model, summary, val_in, val_labels
 
@@ -61,7 +65,8 @@ def state(module):
 
 @pytest.mark.parametrize("name", ["crt", "lws", "disalign", "marc", "tau_norm"])
 def test_stage2_changes_only_its_own_parameters(name):
-    head, model, _, _, _ = run(name)
+    initial = {}
+    head, model, _, _, _ = run(name, adjuster_before=initial)
     before = state(head)  # the stage-1 head passed in is never modified ...
     frozen = state(model.head)  # ... and the model's copy of it equals it
     assert before.keys() == frozen.keys()
@@ -71,10 +76,10 @@ def test_stage2_changes_only_its_own_parameters(name):
     assert all(n.startswith("adjuster.") for n in trainable), trainable
     if name != "tau_norm":  # tau_norm trains nothing: only its tau buffer is set
         assert trainable
-        fresh = stage2.rebuild(name, stage2.frozen_copy(head)).adjuster
-        changed = [n for n, p in model.adjuster.named_parameters() if not torch.equal(p, dict(
-            fresh.named_parameters())[n])]
-        assert changed, f"{name} trained nothing"
+        changed = [n for n, p in model.adjuster.named_parameters() if not torch.equal(p, initial[n])]
+        assert set(changed) == {n for n, _ in model.adjuster.named_parameters()}, f"{name} left some untrained"
+        params_2d = [n for n, p in model.adjuster.named_parameters() if p.ndim >= 2]
+        assert params_2d in ([], ["classifier.weight"], ["confidence.weight"]), params_2d  # only matrices decay
 
 
 def test_crt_reinitialises_the_classifier():
@@ -113,7 +118,7 @@ def test_lws_disalign_marc_formulas():
 
     marc = stage2.rebuild("marc", head).adjuster
     norms = head.classifier.weight.norm(dim=1)
-    torch.testing.assert_close(marc.weight_norm[0], norms)
+    torch.testing.assert_close(marc.weight_norm, norms)
     with torch.no_grad():
         marc.a.fill_(0.5)
         marc.b.fill_(-1.0)
@@ -149,11 +154,36 @@ def test_tau_norm_refuses_a_cosine_head():
 
 
 def test_stage2_choice_from_params():
-    assert stage2.Stage2Choice.from_params(Params({"stage2": "none"})) is None
-    choice = stage2.Stage2Choice.from_params(Params({"stage2": "crt", "stage2_methods": {"crt": {"loss": "bsm"}}}))
+    def choose(values, task="single"):
+        return stage2.Stage2Choice.from_params(Params(values), task)
+
+    assert choose({"stage2": "none"}) is None
+    choice = choose({"stage2": "crt", "stage2_methods": {"crt": {"loss": "bsm"}}})
     assert (choice.loss, choice.sampler) == ("bsm", "class_balanced")
+    assert (choose({"stage2": "tau_norm"}, "multi").loss is None)  # trains nothing: no loss to check
     with pytest.raises(ConfigError, match=r"stage2.*'crtt'.*crt, disalign, lws, marc, none, tau_norm"):
-        stage2.Stage2Choice.from_params(Params({"stage2": "crtt"}))
+        choose({"stage2": "crtt"})
+    with pytest.raises(ConfigError, match=r"`stage2_methods.crt.loss` is 'foo'; .* use one of: bsm, cb"):
+        choose({"stage2": "crt", "stage2_methods": {"crt": {"loss": "foo"}}})
+    with pytest.raises(ConfigError, match=r"`stage2_methods.marc.loss` is 'grw'; for this multi-label task"):
+        choose({"stage2": "marc"}, "multi")
+    with pytest.raises(ConfigError, match=r"`stage2_methods.lws.sampler` is 'cbs'; valid: class_balanced"):
+        choose({"stage2": "lws", "stage2_methods": {"lws": {"sampler": "cbs"}}})
+    with pytest.raises(ConfigError, match=r"`stage2_methods.crt` must be a mapping of options"):
+        choose({"stage2": "crt", "stage2_methods": {"crt": "bsm"}})
+
+
+def test_stage2_refusals_come_before_any_training():
+    cosine, _, _, _ = stage1("cosine")
+    tau = stage2.Stage2Choice.from_params(Params({"stage2": "tau_norm"}), "single")
+    with pytest.raises(ConfigError, match="tau_norm.*cosine head"):
+        stage2_loss(tau, PARAMS, cosine, "single", np.array(COUNTS))
+    marc = stage2.Stage2Choice.from_params(Params({"stage2": "marc"}), "single")
+    with pytest.raises(ConfigError, match=r"`losses.grw.rho` must be at least 0"):
+        stage2_loss(marc, Params({"losses": {"grw": {"rho": -1}}}), cosine, "single", np.array(COUNTS))
+    ldam = stage2.Stage2Choice("crt", "ldam", "instance")
+    with pytest.raises(ConfigError, match=r"`stage2_methods.crt.loss` is 'ldam', which needs its own"):
+        stage2_loss(ldam, PARAMS, cosine, "single", np.array(COUNTS))
 
 
 def test_ldam_style_losses_need_a_cosine_head():
@@ -209,9 +239,28 @@ def test_decoder_crt_keeps_the_decoder_blocks(tiny_features, tiny_prepared):
                                      "depth": 1, "heads": 2})
     before = state(head)
     choice = stage2.Stage2Choice("crt", "ce", "class_balanced")
-    model, _ = train_stage2(choice, PARAMS, head, FeatureInput(train_feats, "tokens", CPU),
+    loss_fn = stage2_loss(choice, PARAMS, head, "single", np.bincount(train_feats.labels))
+    model, _ = train_stage2(choice, loss_fn, head, FeatureInput(train_feats, "tokens", CPU),
                             FeatureInput(val, "tokens", CPU), val.labels, TrainConfig(epochs=2, batch_size=32), 0,
                             False, tiny_prepared.num_classes, CPU)
     for key, value in state(model.head).items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
     assert predict(model, FeatureInput(val, "tokens", CPU)).shape == (len(val), tiny_prepared.num_classes)
+
+
+def test_ldam_drw_switches_on_by_step_also_with_iterations():
+    from ltpipe import losses
+    from ltpipe.samplers import SAMPLERS
+    from ltpipe.training import train
+
+    head, train_in, val_in, val_labels = stage1("cosine")
+    ldam = losses.build("ldam", "single", None, np.array(COUNTS))
+    match_head_to_loss(head, ldam, "ldam")
+    active = []
+    forward = ldam.forward
+    ldam.forward = lambda logits, target: (active.append(ldam.drw_active), forward(logits, target))[1]
+    # 324 images, batch 25: 13 steps an epoch; 20 iterations = 2 epochs, DRW from step round(0.8 * 20) = 16.
+    train(head, ldam, SAMPLERS.get("instance"), train_in, val_in, val_labels,
+          TrainConfig(epochs=1, batch_size=25, iterations=20, warmup_epochs=0), 0, False, len(COUNTS), CPU)
+    assert active == [False] * 16 + [True] * 4
+    assert head.classifier.log_scale.exp().item() == pytest.approx(30.0)  # s held fixed through training

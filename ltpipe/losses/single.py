@@ -10,8 +10,9 @@ only and gives absent classes weight 0 / margin 0 (prior-adjusted losses give th
 adjusted logit of ``-inf``, as the formula says). With every class present this is
 exactly the formula.
 
-Losses whose behaviour changes during training expose ``set_epoch(epoch, epochs)``;
-the training loop calls it, when present, at the start of every (0-based) epoch.
+Losses whose behaviour changes during training expose ``set_progress(step, total_steps)``;
+the training loop calls it, when present, before every optimiser step (0-based), so a
+schedule means the same with `train.epochs` and with `train.iterations`.
 Losses meant for a normalised (cosine) classifier expose ``head_scale``, the fixed
 scale ``s`` of ``logits = s * cos`` that the training code gives that head.
 """
@@ -229,12 +230,14 @@ class LDAMLoss(nn.Module):
 
         L = CE(z - s * m_y * onehot(y), y, weight=w)
 
-    DRW: until epoch ``round(drw_start * epochs)`` the weight is ``None`` (plain LDAM);
+    DRW: until step ``round(drw_start * total_steps)`` the weight is ``None`` (plain LDAM);
     from then on ``w_c = (1 - beta) / (1 - beta^{n_c})`` normalised to sum to ``C``
     (Cui et al.'s effective number, as Cao et al.'s code), with PyTorch's weighted mean
     ``sum_i w_{y_i} l_i / sum_i w_{y_i}`` as in Cao et al.'s code. The training loop must
-    call ``set_epoch(epoch, epochs)`` at the start of every epoch. Cao et al. start DRW at
-    epoch 160 of 200, hence ``drw_start = 0.8``.
+    call ``set_progress(step, total_steps)`` before every step. Cao et al. start DRW at
+    epoch 160 of 200, hence ``drw_start = 0.8``; counting steps rather than epochs gives
+    the same switch point with whole epochs, and a correct one with `train.iterations` or
+    very few epochs (an epoch count would round 0.8 x 2 epochs to "never").
 
     Deviations from Imbalance-VLM's ``ldam_loss`` (``utils.py:63-73``): it declared
     ``s = 30`` but never used it and trained a plain ``nn.Linear`` (unnormalised logits),
@@ -261,17 +264,17 @@ class LDAMLoss(nn.Module):
         self.drw_beta = float(drw_beta)
         self.register_buffer("margins", _buffer(margins))
         self.register_buffer("drw_weight", _buffer(effective_number_weights(counts, drw_beta)))
-        # Before the first set_epoch call, the state of epoch 0.
+        # Before the first set_progress call, the state of step 0.
         self.drw_active = self.drw and self.drw_start == 0
 
-    def drw_epoch(self, epochs: int) -> int:
-        """The first (0-based) epoch with re-weighting."""
-        return round(self.drw_start * epochs)
+    def drw_step(self, total_steps: int) -> int:
+        """The first (0-based) step with re-weighting."""
+        return round(self.drw_start * total_steps)
 
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        if epochs < 1 or not 0 <= epoch:
-            raise ValueError(f"set_epoch needs 0 <= epoch and epochs >= 1, got epoch={epoch}, epochs={epochs}")
-        self.drw_active = self.drw and epoch >= self.drw_epoch(epochs)
+    def set_progress(self, step: int, total_steps: int) -> None:
+        if total_steps < 1 or not 0 <= step:
+            raise ValueError(f"set_progress needs 0 <= step and total_steps >= 1, got {step}, {total_steps}")
+        self.drw_active = self.drw and step >= self.drw_step(total_steps)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         shift = (self.head_scale * self.margins.to(logits.dtype))[target]
