@@ -192,7 +192,8 @@ def stage2_loss(choice: stage2.Stage2Choice, params: Params, head: nn.Module, ta
     """Validate the stage-2 method against the stage-1 head and build its loss, before any
     training: a method that cannot apply fails here, not after stage 1 has trained."""
     stage2.check_head(choice.name, head)
-    stage2.rebuild(choice.name, stage2.frozen_copy(head))  # method-specific refusals (tau_norm on cosine)
+    with torch.random.fork_rng():  # a trial build: it must not shift the seeded initialisations after it
+        stage2.rebuild(choice.name, stage2.frozen_copy(head))  # method-specific refusals (tau_norm on cosine)
     if choice.loss is None:
         return None
     loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"), counts)
