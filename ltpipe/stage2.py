@@ -182,7 +182,7 @@ class Stage2Choice:
         key = f"stage2_methods.{name}"
         loss = section.str("loss", default=method.loss) if section else method.loss
         sampler = section.str("sampler", default=method.sampler) if section else method.sampler
-        valid = [n for n in losses.LOSSES.names() if losses.LOSSES.get(n).task == task]
+        valid = losses.names_for(task)
         if loss not in valid:
             raise ConfigError(f"`{key}.loss` is {loss!r}; for this {task}-label task use one of: {', '.join(valid)}.")
         if sampler not in SAMPLERS:

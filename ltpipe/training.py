@@ -113,6 +113,12 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
               "training steps: the learning rate never reaches `train.lr` nor decays.")
     optimizer = make_optimizer(head, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    ema = None
+    if getattr(head, "ema_decay", 0.0) > 0:
+        # An exponential moving average of the weights, updated every step, is what is validated and
+        # kept (CPRFL's official code: 0.998).
+        ema = torch.optim.swa_utils.AveragedModel(
+            head, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(head.ema_decay), use_buffers=True)
     best: Optional[TrainResult] = None
     history = []
     step = 0
@@ -138,17 +144,20 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
             loss.backward()
             optimizer.step()
             schedule.step()
+            if ema is not None:
+                ema.update_parameters(head)
             step += 1
             total += float(loss.detach()) * len(index)
             seen += len(index)
-        score = metrics.selection_score(predict(head, val_data), val_labels, multilabel)
+        kept = ema.module if ema is not None else head
+        score = metrics.selection_score(predict(kept, val_data), val_labels, multilabel)
         row = {"epoch": epoch, "train_loss": total / seen, "val_score": score,
                "lr": optimizer.param_groups[0]["lr"]}
         history.append(row)
         if logger is not None:
             logger(row)
         if best is None or score > best.best_score:
-            best = TrainResult(copy.deepcopy(head.state_dict()), epoch, score)
+            best = TrainResult(copy.deepcopy(kept.state_dict()), epoch, score)
     best.history = history
     head.load_state_dict(best.best_state)
     return best
@@ -188,7 +197,7 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def stage2_loss(choice: stage2.Stage2Choice, params: Params, head: nn.Module, task: str,
-                counts: np.ndarray) -> Optional[nn.Module]:
+                counts: np.ndarray, num_images: int) -> Optional[nn.Module]:
     """Validate the stage-2 method against the stage-1 head and build its loss, before any
     training: a method that cannot apply fails here, not after stage 1 has trained."""
     stage2.check_head(choice.name, head)
@@ -196,7 +205,7 @@ def stage2_loss(choice: stage2.Stage2Choice, params: Params, head: nn.Module, ta
         stage2.rebuild(choice.name, stage2.frozen_copy(head))  # method-specific refusals (tau_norm on cosine)
     if choice.loss is None:
         return None
-    loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"), counts)
+    loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"), counts, num_images)
     if getattr(loss_fn, "head_scale", None) is not None:
         raise ConfigError(f"`stage2_methods.{choice.name}.loss` is {choice.loss!r}, which needs its own "
                           "normalised classifier; stage 2 adjusts the stage-1 one. Use ce, grw or bsm.")
@@ -254,9 +263,10 @@ def run_stage(params: Params, logger=None) -> Dict:
                             tokens_have_cls=str(train_feats.attrs.get("token_layer")) in ("pre_ln", "post_ln"))
     head = heads.build(head_name, params.optional_sub(f"heads.{head_name}"), ctx)
     counts = class_counts(train_feats.labels, prepared.num_classes)
-    loss_fn = losses.build(loss_name, task, params.optional_sub(f"losses.{loss_name}"), counts)
+    num_images = len(train_feats.labels)
+    loss_fn = losses.build(loss_name, task, params.optional_sub(f"losses.{loss_name}"), counts, num_images)
     match_head_to_loss(head, loss_fn, loss_name)
-    second_loss = stage2_loss(second, params, head, task, counts) if second is not None else None
+    second_loss = stage2_loss(second, params, head, task, counts, num_images) if second is not None else None
     started = time.perf_counter()
     train_input = FeatureInput(train_feats, head.input, device)
     views_path = paths.FEATURES_DIR / "train_views.h5"

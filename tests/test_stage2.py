@@ -48,7 +48,7 @@ def stage1(head_name="linear", seed=0):
 def run(name, head_name="linear", epochs=5, adjuster_before=None):
     head, train_in, val_in, val_labels = stage1(head_name)
     picked = stage2.Stage2Choice.from_params(Params({"stage2": name}), "single")
-    loss_fn = stage2_loss(picked, PARAMS, head, "single", np.array(COUNTS))
+    loss_fn = stage2_loss(picked, PARAMS, head, "single", np.array(COUNTS), sum(COUNTS))
     cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, warmup_epochs=0)
     if adjuster_before is not None:  # the adjuster's initial state, from the same seeded build
         torch.manual_seed(123)
@@ -177,13 +177,14 @@ def test_stage2_refusals_come_before_any_training():
     cosine, _, _, _ = stage1("cosine")
     tau = stage2.Stage2Choice.from_params(Params({"stage2": "tau_norm"}), "single")
     with pytest.raises(ConfigError, match="tau_norm.*cosine head"):
-        stage2_loss(tau, PARAMS, cosine, "single", np.array(COUNTS))
+        stage2_loss(tau, PARAMS, cosine, "single", np.array(COUNTS), sum(COUNTS))
     marc = stage2.Stage2Choice.from_params(Params({"stage2": "marc"}), "single")
     with pytest.raises(ConfigError, match=r"`losses.grw.rho` must be at least 0"):
-        stage2_loss(marc, Params({"losses": {"grw": {"rho": -1}}}), cosine, "single", np.array(COUNTS))
+        stage2_loss(marc, Params({"losses": {"grw": {"rho": -1}}}), cosine, "single", np.array(COUNTS),
+                    sum(COUNTS))
     ldam = stage2.Stage2Choice("crt", "ldam", "instance")
     with pytest.raises(ConfigError, match=r"`stage2_methods.crt.loss` is 'ldam', which needs its own"):
-        stage2_loss(ldam, PARAMS, cosine, "single", np.array(COUNTS))
+        stage2_loss(ldam, PARAMS, cosine, "single", np.array(COUNTS), sum(COUNTS))
 
 
 def test_ldam_style_losses_need_a_cosine_head():
@@ -239,7 +240,8 @@ def test_decoder_crt_keeps_the_decoder_blocks(tiny_features, tiny_prepared):
                                      "depth": 1, "heads": 2})
     before = state(head)
     choice = stage2.Stage2Choice("crt", "ce", "class_balanced")
-    loss_fn = stage2_loss(choice, PARAMS, head, "single", np.bincount(train_feats.labels))
+    loss_fn = stage2_loss(choice, PARAMS, head, "single", np.bincount(train_feats.labels),
+                          len(train_feats.labels))
     model, _ = train_stage2(choice, loss_fn, head, FeatureInput(train_feats, "tokens", CPU),
                             FeatureInput(val, "tokens", CPU), val.labels, TrainConfig(epochs=2, batch_size=32), 0,
                             False, tiny_prepared.num_classes, CPU)

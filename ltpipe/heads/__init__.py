@@ -66,4 +66,4 @@ def load_checkpoint(path: Path) -> Tuple[torch.nn.Module, Dict]:
 
 
 # Import for registration side effects.
-from ltpipe.heads import decoder, linear, neighbors, zeroshot  # noqa: E402,F401
+from ltpipe.heads import cprfl, decoder, linear, neighbors, zeroshot  # noqa: E402,F401

@@ -1,11 +1,21 @@
 """Imbalance losses keyed by the names users type (`loss:`).
 
-Each entry declares its task (``single`` or ``multi``) and is built from the
-training class counts and its `losses.<name>` params section.
+One name can stand for a single-label and a multi-label variant (``focal`` on
+ImageNet-LT and on COCO-LT): a name holds one factory per task (``single`` or
+``multi``), and both variants read the same `losses.<name>` params section (each
+reads its own keys and ignores the others).
+
+Factories are called with the `losses.<name>` section (``None`` when absent) and the
+training class counts: ``factory(section, class_counts)`` for single-label losses
+(``class_counts`` = images per class); ``factory(section, class_counts, num_images)``
+for multi-label ones (``class_counts`` = training images having each class,
+``labels.sum(0)``; ``num_images`` = the number of training images ``N``, which the
+multi-hot counts do not determine; ``None`` when the caller does not know it, which
+only the losses that need it refuse).
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -14,36 +24,86 @@ from ltpipe.config import Params
 from ltpipe.errors import ConfigError
 from ltpipe.registry import Registry
 
+TASKS = ("single", "multi")
+_KIND = {"single": "single-label", "multi": "multi-label"}
+
 
 @dataclass(frozen=True)
 class LossEntry:
+    """One task's variant of a loss: what :func:`check` returns."""
+
     task: str  # "single" or "multi"
-    factory: Callable[[Optional[Params], np.ndarray], torch.nn.Module]
+    factory: Callable[..., torch.nn.Module]
 
 
-LOSSES: Registry[LossEntry] = Registry("loss", "loss")
+class LossVariants:
+    """Everything registered under one loss name: one :class:`LossEntry` per task."""
+
+    def __init__(self):
+        self._entries: Dict[str, LossEntry] = {}
+
+    def add(self, entry: LossEntry) -> None:
+        if entry.task not in TASKS:
+            raise ValueError(f"a loss task is one of {TASKS}, got {entry.task!r}")
+        if entry.task in self._entries:
+            raise ValueError(f"this loss has a {entry.task}-label variant already")
+        self._entries[entry.task] = entry
+
+    @property
+    def tasks(self) -> Tuple[str, ...]:
+        """The tasks this name has a variant for, in the order of ``TASKS``."""
+        return tuple(t for t in TASKS if t in self._entries)
+
+    def for_task(self, task: str) -> Optional[LossEntry]:
+        return self._entries.get(task)
+
+
+LOSSES: Registry[LossVariants] = Registry("loss", "loss")
 
 
 def register(name: str, task: str):
+    """Register ``factory`` as the ``task`` variant of loss ``name``; a name can have both variants."""
+
     def decorator(factory):
-        LOSSES.register(name)(LossEntry(task, factory))
+        if name not in LOSSES:
+            LOSSES.register(name)(LossVariants())
+        try:
+            LOSSES.get(name).add(LossEntry(task, factory))
+        except ValueError as exc:
+            raise ValueError(f"loss {name!r}: {exc}") from None
         return factory
 
     return decorator
 
 
+def names_for(task: str) -> List[str]:
+    """The sorted loss names with a variant for ``task`` (``single`` or ``multi``)."""
+    if task not in TASKS:
+        raise ValueError(f"a loss task is one of {TASKS}, got {task!r}")
+    return [n for n in LOSSES.names() if LOSSES.get(n).for_task(task) is not None]
+
+
 def check(name: str, task: str) -> LossEntry:
-    entry = LOSSES.get(name)
-    if entry.task != task:
-        valid = [n for n in LOSSES.names() if LOSSES.get(n).task == task]
-        kind = "multi-label" if task == "multi" else "single-label"
-        raise ConfigError(f"loss {name!r} is for {entry.task}-label tasks, but this dataset is {kind}. "
-                          f"Losses for it: {', '.join(valid)}.")
+    """The ``task`` variant of loss ``name``; a :class:`ConfigError` naming the valid losses if
+    the name is unknown or has no variant for this task."""
+    variants = LOSSES.get(name)
+    entry = variants.for_task(task)
+    if entry is None:
+        other = " and ".join(_KIND[t] for t in variants.tasks)
+        raise ConfigError(f"loss {name!r} is for {other} tasks, but this dataset is {_KIND[task]}. "
+                          f"Losses for it: {', '.join(names_for(task))}.")
     return entry
 
 
-def build(name: str, task: str, section: Optional[Params], class_counts: np.ndarray) -> torch.nn.Module:
-    return check(name, task).factory(section, np.asarray(class_counts, dtype=np.float64))
+def build(name: str, task: str, section: Optional[Params], class_counts: np.ndarray,
+          num_images: Optional[int] = None) -> torch.nn.Module:
+    """Build the ``task`` variant of loss ``name``. ``num_images`` (the number of training images)
+    is passed to multi-label factories only; single-label losses get it from ``class_counts``."""
+    factory = check(name, task).factory
+    counts = np.asarray(class_counts, dtype=np.float64)
+    if task == "multi":
+        return factory(section, counts, num_images)
+    return factory(section, counts)
 
 
 from ltpipe.losses import multi, single  # noqa: E402,F401  (registration)
