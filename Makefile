@@ -17,7 +17,8 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 
 run: setup
 	dvc repro
-	dvc metrics show
+	dvc metrics show metrics/zeroshot.json metrics/eval.json
+	cat metrics/summary.md
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -62,15 +62,19 @@ def run_fields(run: Dict, prepared: manifest.Prepared, features: SplitFeatures) 
 
 
 def write_metrics(logits: np.ndarray, labels: np.ndarray, prepared: manifest.Prepared, fields: Dict,
-                  name: str) -> Dict:
+                  name: str, out_dir: Path = paths.METRICS_DIR, per_class: bool = True) -> Dict:
+    """``<out_dir>/<name>.json`` (the run's identity, then its metrics) and, with ``per_class``,
+    ``<name>_per_class.csv`` for the plots."""
     result, table = metrics.evaluate(logits, labels, prepared.classes, prepared.multilabel)
     clash = set(fields) & set(result)
     if clash:
         raise AssertionError(f"metric keys {sorted(clash)} would overwrite the run's identity fields")
     payload = dict(fields, **result)
-    paths.METRICS_DIR.mkdir(parents=True, exist_ok=True)
-    Path(paths.METRICS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    table.to_csv(paths.METRICS_DIR / f"{name}_per_class.csv", index=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if per_class:
+        table.to_csv(out_dir / f"{name}_per_class.csv", index=False)
     return payload
 
 

@@ -15,6 +15,8 @@ MODELS_DIR = DATA / "models"
 HEAD_CHECKPOINT = MODELS_DIR / "head.pt"
 METRICS_DIR = Path("metrics")
 TRAIN_LOG_DIR = METRICS_DIR / "train"
+SWEEP_DIR = METRICS_DIR / "sweep"  # one metrics file per sweep cell
+SUMMARY = METRICS_DIR / "summary"  # .json, .md, .csv: the report over the sweep
 # Timings live outside data/features: identical features must keep an identical DVC hash.
 EXTRACT_REPORT = METRICS_DIR / "extract_report.json"
 

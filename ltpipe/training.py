@@ -235,24 +235,38 @@ def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head
     return model, {"best_epoch": result.best_epoch, "val_score": result.best_score}
 
 
-def run_stage(params: Params, logger=None) -> Dict:
-    """The `train` stage: fit the head named by `head` with `loss` and `sampler`, then
-    the `stage2` method, if any, on the frozen result."""
-    # Every choice is validated before any feature is loaded.
-    prepared = manifest.load(paths.PREPARED_DIR)
-    multilabel = check_task(params, prepared)
-    task = "multi" if multilabel else "single"
-    head_name = params.str("head")
-    heads.HEADS.get(head_name)  # an unknown head fails here, before any feature is read
-    loss_name = params.str("loss")
-    losses.check(loss_name, task)
-    sampler_name = params.str("sampler")
-    sampler = SAMPLERS.get(sampler_name)
-    second = stage2.Stage2Choice.from_params(params, task)
-    cfg = TrainConfig.from_params(params.sub("train"))
-    seed = params.int("seed", minimum=0)
-    device = resolve_device(params.str("model.device"))
+@dataclass
+class RunChoice:
+    """What one run trains: the names a user types, validated against the task."""
 
+    head: str
+    loss: str
+    sampler: str
+    second: Optional[stage2.Stage2Choice]
+    seed: int
+
+    def identity(self) -> Dict:
+        return {"head": self.head, "loss": self.loss, "sampler": self.sampler,
+                "stage2": self.second.name if self.second else "none", "seed": self.seed}
+
+
+def validate_choice(head: str, loss: str, sampler: str, second: Optional[stage2.Stage2Choice], seed: int,
+                    task: str) -> RunChoice:
+    heads.HEADS.get(head)  # unknown names fail here, before any feature is read
+    losses.check(loss, task)
+    SAMPLERS.get(sampler)
+    return RunChoice(head, loss, sampler, second, seed)
+
+
+def fit(params: Params, prepared: manifest.Prepared, choice: RunChoice, logger=None):
+    """Train ``choice`` on the cached features; returns the model (stage 2 included) and a summary.
+    Reads `heads.<head>`, `losses.<loss>`, `train` and `model.device` (and, with a stage-2
+    method, its `losses.<name>`)."""
+    multilabel = prepared.multilabel
+    task = "multi" if multilabel else "single"
+    cfg = TrainConfig.from_params(params.sub("train"))
+    device = resolve_device(params.str("model.device"))
+    seed = choice.seed
     seed_everything(seed)
     train_feats = SplitFeatures(paths.FEATURES_DIR / "train.h5")
     val_feats = SplitFeatures(paths.FEATURES_DIR / "val.h5")
@@ -261,11 +275,12 @@ def run_stage(params: Params, logger=None) -> Dict:
     ctx = heads.HeadContext(prepared.num_classes, train_feats.pooled.shape[1], train_feats.token_shape,
                             text.embeddings, text.logit_scale,
                             tokens_have_cls=str(train_feats.attrs.get("token_layer")) in ("pre_ln", "post_ln"))
-    head = heads.build(head_name, params.optional_sub(f"heads.{head_name}"), ctx)
+    head = heads.build(choice.head, params.optional_sub(f"heads.{choice.head}"), ctx)
     counts = class_counts(train_feats.labels, prepared.num_classes)
     num_images = len(train_feats.labels)
-    loss_fn = losses.build(loss_name, task, params.optional_sub(f"losses.{loss_name}"), counts, num_images)
-    match_head_to_loss(head, loss_fn, loss_name)
+    loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"), counts, num_images)
+    match_head_to_loss(head, loss_fn, choice.loss)
+    second = choice.second
     second_loss = stage2_loss(second, params, head, task, counts, num_images) if second is not None else None
     started = time.perf_counter()
     train_input = FeatureInput(train_feats, head.input, device)
@@ -278,22 +293,34 @@ def run_stage(params: Params, logger=None) -> Dict:
         print(f"training on {train_input.views} cached augmented views per image")
     val_input = FeatureInput(val_feats, head.input, device)
     if trainable(head):
-        result = train(head, loss_fn, sampler, train_input, val_input, val_feats.labels, cfg, seed, multilabel,
-                       prepared.num_classes, device, logger)
+        result = train(head, loss_fn, SAMPLERS.get(choice.sampler), train_input, val_input, val_feats.labels, cfg,
+                       seed, multilabel, prepared.num_classes, device, logger)
     else:
         result = fit_without_gradients(head, train_feats, val_input, val_feats.labels, multilabel)
     summary = {"best_epoch": result.best_epoch, "val_score": result.best_score}
-    print(f"trained {head_name} with {loss_name}: best validation score {result.best_score:.4f} "
+    print(f"trained {choice.head} with {choice.loss}: best validation score {result.best_score:.4f} "
           f"at epoch {result.best_epoch}")
-    model, extra = head, {}
+    model = head
     if second is not None:
         model, extra = train_stage2(second, second_loss, head, train_input, val_input, val_feats.labels, cfg, seed,
                                     multilabel, prepared.num_classes, device, logger)
         print(f"stage 2 {second.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
         summary.update({f"stage2_{k}": v for k, v in extra.items()})
-    seconds = time.perf_counter() - started
-    run = {"head": head_name, "loss": loss_name, "sampler": sampler_name,
-           "stage2": second.name if second else "none", "seed": seed}
-    heads.save_checkpoint(paths.HEAD_CHECKPOINT, model, head_name, run, stage2=run["stage2"], **summary)
-    print(f"training took {seconds:.1f}s")
-    return dict(summary, seconds=round(seconds, 2))
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    return model, summary
+
+
+def run_stage(params: Params, logger=None) -> Dict:
+    """The `train` stage: fit the head named by `head` with `loss` and `sampler`, then
+    the `stage2` method, if any, on the frozen result."""
+    # Every choice is validated before any feature is loaded.
+    prepared = manifest.load(paths.PREPARED_DIR)
+    task = "multi" if check_task(params, prepared) else "single"
+    choice = validate_choice(params.str("head"), params.str("loss"), params.str("sampler"),
+                             stage2.Stage2Choice.from_params(params, task), params.int("seed", minimum=0), task)
+    model, summary = fit(params, prepared, choice, logger)
+    run = choice.identity()
+    heads.save_checkpoint(paths.HEAD_CHECKPOINT, model, choice.head, run, stage2=run["stage2"],
+                          **{k: v for k, v in summary.items() if k != "seconds"})
+    print(f"training took {summary['seconds']:.1f}s")
+    return summary

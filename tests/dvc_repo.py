@@ -19,6 +19,7 @@ SMALL = {
                                   image_size=32),
     "train": dict(epochs=4),
     "extract": dict(workers=0),
+    "sweep": dict(heads=["cosine"], losses=["ce", "bsm"], seeds=[0, 1]),
 }
 
 

@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 def repo(tmp_path_factory):
     path = dvc_repo.make(tmp_path_factory.mktemp("project"))
     result = dvc_repo.run(path, "dvc", "repro")
-    assert dvc_repo.stages_run(result.stdout) == ["weights", "prepare", "extract", "zeroshot", "train", "evaluate"]
+    cells = [f"sweep@cosine-{loss}-{seed}" for loss in ("ce", "bsm") for seed in (0, 1)]
+    assert sorted(dvc_repo.stages_run(result.stdout)) == sorted(
+        ["weights", "prepare", "extract", "zeroshot", "train", "evaluate", "report"] + cells)
     dvc_repo.run(path, "git", "add", "-A")
     dvc_repo.run(path, "git", "commit", "-qm", "baseline")
     return path
@@ -29,6 +31,32 @@ def test_repro_writes_every_output(repo):
     zeroshot = json.loads((repo / "metrics/zeroshot.json").read_text())
     assert zeroshot["head"] == "zeroshot" and set(metrics) == set(zeroshot)
     assert (repo / "metrics/train/metrics.json").is_file()
+
+
+def test_sweep_reports_every_loss_over_seeds(repo):
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert set(summary["methods"]) == {"cosine/ce", "cosine/bsm"}
+    for row in summary["methods"].values():
+        assert row["seeds"] == 2 and row["top1"]["std"] >= 0
+    cells = [json.loads((repo / f"metrics/sweep/cosine-{loss}-{seed}.json").read_text())
+             for loss in ("ce", "bsm") for seed in (0, 1)]
+    ce = [c["top1"] for c in cells if c["loss"] == "ce"]
+    assert summary["methods"]["cosine/ce"]["top1"]["mean"] == pytest.approx(sum(ce) / 2)
+    # The sweep cell with the main experiment's head, loss and seed reproduces it exactly.
+    main = json.loads((repo / "metrics/eval.json").read_text())
+    assert cells[0]["top1"] == main["top1"] and cells[0]["few"] == main["few"]
+    assert "**" in (repo / "metrics/summary.md").read_text()
+
+
+def test_adding_a_loss_to_the_sweep_runs_only_its_cells(repo):
+    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "sweep.losses=[ce,bsm,la]")
+    assert sorted(dvc_repo.stages_run(result.stdout)) == ["report", "sweep@cosine-la-0", "sweep@cosine-la-1"]
+    summary = json.loads((repo / "metrics/summary.json").read_text())
+    assert set(summary["methods"]) == {"cosine/ce", "cosine/bsm", "cosine/la"}
+    # la with tau 1 is Balanced Softmax: the same numbers, seed for seed.
+    assert summary["methods"]["cosine/la"]["top1"] == summary["methods"]["cosine/bsm"]["top1"]
+    dvc_repo.run(repo, "git", "checkout", "--", ".")
+    dvc_repo.run(repo, "dvc", "checkout", "--force")
 
 
 def test_second_repro_runs_nothing(repo):

@@ -70,11 +70,13 @@ def test_every_key_the_readme_sets_exists_in_params():
             node = node[part]
 
 
-def declared(stage: str, key: str) -> bool:
+def declared(stage: str, key: str, item: dict = None) -> bool:
     """``key`` is declared, lies under a declared key, or is a section holding declared keys
-    (``params.sub("model")`` navigates; the leaves read below it are recorded on their own)."""
-    return any(key == p or key.startswith(p + ".") or p.startswith(key + ".")
-               for p in STAGES[stage].get("params", []))
+    (``params.sub("model")`` navigates; the leaves read below it are recorded on their own).
+    ``item``: the values of a matrix stage's ``${item.*}`` templates."""
+    declared_keys = [p.replace("${item.", "{").replace("}", "}").format(**(item or {}))
+                     for p in STAGES[stage].get("params", [])]
+    return any(key == p or key.startswith(p + ".") or p.startswith(key + ".") for p in declared_keys)
 
 
 @pytest.mark.parametrize("views,second,posthoc", [(0, "none", "none"), (2, "marc", "logit_adjust")])
@@ -101,7 +103,18 @@ def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch, capsys, vi
     monkeypatch.setattr(Params, "raw", recording)
     for stage in STAGES:  # dvc.yaml lists them in dependency order
         reads.clear()
-        importlib.import_module(f"stages.{stage}").main()
+        module = importlib.import_module(f"stages.{stage}")
+        if "matrix" in STAGES[stage]:
+            # Every cell of the sweep: its params are templated by the cell's values.
+            cells = [dict(head=h, loss=loss, seed=str(seed)) for h in params["sweep"]["heads"]
+                     for loss in params["sweep"]["losses"] for seed in params["sweep"]["seeds"]]
+            for item in cells:
+                reads.clear()
+                module.main([item["head"], item["loss"], item["seed"]])
+                undeclared = sorted({key for key in reads if not declared(stage, key, item)})
+                assert not undeclared, f"stage {stage}@{item} reads {undeclared} without declaring them"
+            continue
+        module.main()
         assert reads, f"stage {stage} read no parameter"
         undeclared = sorted({key for key in reads if not declared(stage, key)})
         assert not undeclared, f"stage {stage} reads {undeclared} without declaring them in dvc.yaml"
