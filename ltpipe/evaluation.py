@@ -64,7 +64,7 @@ def run_fields(run: Dict, prepared: manifest.Prepared, features: SplitFeatures) 
 def write_metrics(logits: np.ndarray, labels: np.ndarray, prepared: manifest.Prepared, fields: Dict,
                   name: str, out_dir: Path = paths.METRICS_DIR, per_class: bool = True) -> Dict:
     """``<out_dir>/<name>.json`` (the run's identity, then its metrics) and, with ``per_class``,
-    ``<name>_per_class.csv`` for the plots."""
+    the plot tables ``<name>_per_class.csv``, ``_reliability.csv`` and ``_confusion.csv``."""
     result, table = metrics.evaluate(logits, labels, prepared.classes, prepared.multilabel)
     clash = set(fields) & set(result)
     if clash:
@@ -75,6 +75,10 @@ def write_metrics(logits: np.ndarray, labels: np.ndarray, prepared: manifest.Pre
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     if per_class:
         table.to_csv(out_dir / f"{name}_per_class.csv", index=False)
+        metrics.reliability_table(logits, labels, prepared.multilabel).to_csv(
+            out_dir / f"{name}_reliability.csv", index=False)
+        metrics.confusion_rows(logits, labels, prepared.classes["name"].tolist(), prepared.multilabel).to_csv(
+            out_dir / f"{name}_confusion.csv", index=False)
     return payload
 
 

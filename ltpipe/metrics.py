@@ -36,16 +36,49 @@ def per_class_accuracy(labels: np.ndarray, pred: np.ndarray, num_classes: int) -
     return acc
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    confidence = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> pd.DataFrame:
+    """The reliability diagram's table: per equal-width confidence bin ``(lo, hi]`` with any
+    prediction, the mean confidence, the accuracy and the count."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
-    ece = 0.0
+    rows = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         in_bin = (confidence > lo) & (confidence <= hi)
         if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+            rows.append({"bin_upper": float(hi), "confidence": float(confidence[in_bin].mean()),
+                         "accuracy": float(correct[in_bin].mean()), "count": int(in_bin.sum())})
+    return pd.DataFrame(rows, columns=["bin_upper", "confidence", "accuracy", "count"])
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): the count-weighted gap between accuracy and confidence over the
+    bins of :func:`reliability`."""
+    table = reliability(probs.max(axis=1), probs.argmax(axis=1) == labels, bins)
+    return float((table["count"] * (table["accuracy"] - table["confidence"]).abs()).sum() / len(labels))
+
+
+def reliability_table(logits: np.ndarray, labels: np.ndarray, multilabel: bool, bins: int = 15) -> pd.DataFrame:
+    """Single-label: top-1 softmax confidence against top-1 correctness. Multi-label: every
+    (image, class) sigmoid probability against whether the class is present."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if multilabel:
+        return reliability((1.0 / (1.0 + np.exp(-logits))).ravel(), np.asarray(labels).astype(bool).ravel(), bins)
+    probs = np.exp(log_softmax(logits, axis=1))
+    return reliability(probs.max(axis=1), probs.argmax(axis=1) == labels, bins)
+
+
+CONFUSION_MAX_CLASSES = 100
+
+
+def confusion_rows(logits: np.ndarray, labels: np.ndarray, names: Sequence[str], multilabel: bool) -> pd.DataFrame:
+    """``actual, predicted`` class names per test image, for DVC's confusion template; empty
+    (header only) for multi-label tasks and above :data:`CONFUSION_MAX_CLASSES` classes, where
+    a confusion matrix is unreadable."""
+    if multilabel or len(names) > CONFUSION_MAX_CLASSES:
+        return pd.DataFrame(columns=["actual", "predicted"])
+    names = np.asarray(names, dtype=object)
+    return pd.DataFrame({"actual": names[np.asarray(labels)], "predicted": names[np.asarray(logits).argmax(axis=1)]})
 
 
 def single_label(logits: np.ndarray, labels: np.ndarray, groups: Sequence[str]) -> Tuple[Dict, np.ndarray]:

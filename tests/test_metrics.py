@@ -81,3 +81,42 @@ def test_per_class_table():
     result, table = metrics.evaluate(LOGITS, LABELS, classes, multilabel=False)
     assert list(table.columns) == ["index", "name", "train_count", "test_count", "group", "score"]
     assert table["test_count"].sum() == len(LABELS)
+
+
+def test_reliability_table_by_hand_and_ece_from_it():
+    from ltpipe.metrics import reliability
+
+    confidence = np.array([0.95, 0.91, 0.55, 0.52, 0.30])
+    correct = np.array([1, 0, 1, 1, 0])
+    table = reliability(confidence, correct, bins=10)  # bins (0.9, 1], (0.5, 0.6], (0.2, 0.3]
+    assert table["bin_upper"].round(6).tolist() == [0.3, 0.6, 1.0]
+    assert table["count"].tolist() == [1, 2, 2]
+    np.testing.assert_allclose(table["confidence"], [0.30, 0.535, 0.93])
+    np.testing.assert_allclose(table["accuracy"], [0.0, 1.0, 0.5])
+    # ECE = sum_b n_b/N |acc_b - conf_b| = (0.30 + 2 * 0.465 + 2 * 0.43) / 5
+    from ltpipe.metrics import expected_calibration_error
+    probs = np.stack([confidence, 1 - confidence], axis=1)  # confidence >= 0.5 except the last row
+    labels = np.where(correct == 1, probs.argmax(1), 1 - probs.argmax(1))
+    expected = sum(abs(((probs.argmax(1) == labels)[m]).mean() - probs.max(1)[m].mean()) * m.sum()
+                   for m in ((probs.max(1) > lo) & (probs.max(1) <= lo + 1 / 15)
+                             for lo in np.linspace(0, 1, 16)[:-1]) if m.any()) / 5
+    assert expected_calibration_error(probs, labels) == pytest.approx(expected)
+
+
+def test_multilabel_reliability_pools_every_image_and_class():
+    from ltpipe.metrics import reliability_table
+
+    logits = np.array([[3.0, -3.0], [0.0, 2.0]])
+    table = reliability_table(logits, np.array([[1, 0], [1, 1]]), multilabel=True, bins=4)
+    assert table["count"].sum() == 4
+    low = table[table["bin_upper"] == 0.25].iloc[0]  # sigmoid(-3) = 0.047, the absent class
+    assert low["count"] == 1 and low["accuracy"] == 0.0
+
+
+def test_confusion_rows_name_classes_and_stay_empty_when_unreadable():
+    from ltpipe.metrics import confusion_rows
+
+    rows = confusion_rows(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1]), ["cat", "dog"], False)
+    assert rows.to_dict("list") == {"actual": ["dog", "dog"], "predicted": ["dog", "cat"]}
+    assert confusion_rows(np.zeros((1, 101)), np.array([0]), [str(i) for i in range(101)], False).empty
+    assert confusion_rows(np.zeros((1, 2)), np.array([[1, 0]]), ["a", "b"], True).empty
