@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import REPO
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "ltpipe"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "ltpipe", "plots"]
 # Small enough that the whole DAG runs in well under a minute on 2 cores.
 SMALL = {
     "datasets.synthetic": dict(classes=6, imbalance=10, max_per_class=40, val_per_class=4, test_per_class=6,

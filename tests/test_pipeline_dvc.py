@@ -33,6 +33,16 @@ def test_repro_writes_every_output(repo):
     assert (repo / "metrics/train/metrics.json").is_file()
 
 
+def test_plots_render(repo, tmp_path):
+    dvc_repo.run(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots/index.html").read_text()
+    assert '"scale": {"type": "log"}' in page  # per-class score against training count
+    for name in ("eval_reliability.csv", "eval_confusion.csv", "summary.csv", "loss.tsv"):
+        assert name in page, name
+    confusion = (repo / "metrics/eval_confusion.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 1 + 6 * 6  # 6 classes x 6 test images
+
+
 def test_sweep_reports_every_loss_over_seeds(repo):
     summary = json.loads((repo / "metrics/summary.json").read_text())
     assert set(summary["methods"]) == {"cosine/ce", "cosine/bsm"}
