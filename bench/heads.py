@@ -37,7 +37,6 @@ STEPS = {"linear": 40, "cosine": 40, "decoder": 12}
 def inat_like_labels(rng):
     """8,142 classes, 437,513 images, most frequent 1,000, least 2 (iNat-2018's extremes)."""
     counts = np.maximum(2, np.round(1000 * (2 / 1000) ** (np.arange(CLASSES) / (CLASSES - 1)))).astype(np.int64)
-    counts[np.argsort(-counts)[: TRAIN - counts.sum()]] += 1 if TRAIN > counts.sum() else 0
     scale = TRAIN / counts.sum()
     counts = np.maximum(2, np.floor(counts * scale)).astype(np.int64)
     counts[0] += TRAIN - counts.sum()

@@ -37,6 +37,7 @@ class TwoStageHead(nn.Module):
         self.head = head
         self.adjuster = adjuster
         self.input = head.input
+        self.kwargs = head.kwargs  # what rebuilds the stage-1 head; the method's name is saved beside it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adjuster(self.head.features(x), self.head)

@@ -202,7 +202,7 @@ def stage2_loss(choice: stage2.Stage2Choice, params: Params, head: nn.Module, ta
     training: a method that cannot apply fails here, not after stage 1 has trained."""
     stage2.check_head(choice.name, head)
     with torch.random.fork_rng():  # a trial build: it must not shift the seeded initialisations after it
-        stage2.rebuild(choice.name, stage2.frozen_copy(head))  # method-specific refusals (tau_norm on cosine)
+        stage2.STAGE2.get(choice.name).build(head)  # method-specific refusals (tau_norm on cosine); reads only
     if choice.loss is None:
         return None
     loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"), counts, num_images)

@@ -43,8 +43,7 @@ def rebuild(name: str, kwargs: Dict) -> torch.nn.Module:
 
 def save_checkpoint(path: Path, head: torch.nn.Module, name: str, run: Dict, **extra) -> None:
     """Only tensors and plain values, so :func:`load_checkpoint` needs no unpickling of code."""
-    kwargs = head.head.kwargs if hasattr(head, "adjuster") else head.kwargs  # a stage-2 model wraps its head
-    payload = {"head": name, "kwargs": kwargs, "run": run,
+    payload = {"head": name, "kwargs": head.kwargs, "run": run,
                "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}, **extra}
     with atomic_target(path) as partial:
         torch.save(payload, partial)
