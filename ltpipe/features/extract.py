@@ -416,10 +416,11 @@ def templates_for(name: str) -> List:
     return list(OPENAI_IMAGENET_TEMPLATES)
 
 
-def extract_text(model, tokenizer, prompts: Sequence[str], template_set: str, out_path: Path,
-                 device: torch.device, precision: str, base_attrs: Dict) -> None:
+def class_text_embeddings(model, tokenizer, prompts: Sequence[str], template_set: str, device: torch.device,
+                          precision: str):
     """Class-name embeddings: each template encoded and L2-normalised, averaged, normalised again
-    (CLIP's zero-shot classifier, Radford et al. 2021, Sec. 3.1.4)."""
+    (CLIP's zero-shot classifier, Radford et al. 2021, Sec. 3.1.4). Returns ``(mean [C, D],
+    per_template [C, T, D], texts)`` and the model's logit scale."""
     templates = templates_for(template_set)
     texts = [[template(p) for template in templates] for p in prompts]
     flat = [t for per_class in texts for t in per_class]
@@ -431,7 +432,14 @@ def extract_text(model, tokenizer, prompts: Sequence[str], template_set: str, ou
         per_template = torch.cat(chunks).reshape(len(prompts), len(templates), -1)
     mean = torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
     logit_scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
-    store.write_text(out_path, mean.cpu().numpy(), per_template.cpu().numpy(), texts, prompts,
+    return mean.cpu().numpy(), per_template.cpu().numpy(), texts, logit_scale
+
+
+def extract_text(model, tokenizer, prompts: Sequence[str], template_set: str, out_path: Path,
+                 device: torch.device, precision: str, base_attrs: Dict) -> None:
+    mean, per_template, texts, logit_scale = class_text_embeddings(model, tokenizer, prompts, template_set, device,
+                                                                   precision)
+    store.write_text(out_path, mean, per_template, texts, prompts,
                      dict(base_attrs, templates=template_set, logit_scale=logit_scale))
 
 

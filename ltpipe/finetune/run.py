@@ -1,0 +1,164 @@
+"""The `finetune@<mode>` stages: fine-tune end to end, then evaluate on the test images.
+
+Reads `finetune.train`, `finetune.<mode>`, `head`/`heads.<head>`, `loss`/`losses.<loss>`,
+`sampler`, `seed`, `task`, `model.precision`/`model.device` and the token layer and
+prompt templates of `extract` (so a head reads what it reads on cached features).
+Writes ``data/finetune/<mode>.pt`` and ``metrics/finetune/<mode>.json`` (the cached
+path's metrics schema), its plot tables and ``<mode>_report.json`` (timings).
+"""
+
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from ltpipe import losses, metrics, paths
+from ltpipe.config import Params
+from ltpipe.data import manifest
+from ltpipe.evaluation import check_task, write_metrics
+from ltpipe.features import models
+from ltpipe.features.extract import ImageFiles, Workers, distributed_workers, preprocess_attrs
+from ltpipe.finetune import model as ft_model
+from ltpipe.finetune import modes
+from ltpipe.finetune.train import FinetuneConfig, finetune
+from ltpipe.runtime import autocast, data_loader_kwargs, resolve_precision, seed_everything
+from ltpipe.samplers import SAMPLERS
+from ltpipe.training import class_counts, match_head_to_loss, validate_choice
+
+
+@torch.inference_mode()
+def predict_images(model, dataset, batch_size: int, device: torch.device, precision: str, workers: Workers,
+                   num_workers: int) -> np.ndarray:
+    """Logits of every item of ``dataset``; under ``torchrun`` each process predicts every
+    ``world``-th item and all of them get the whole array."""
+    model.eval()
+    rows = np.arange(workers.rank, len(dataset), workers.world)
+    loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, shuffle=False,
+                        **data_loader_kwargs(device, num_workers))
+    parts = []
+    for images, _, _ in loader:
+        with autocast(device, precision):
+            parts.append(model(images.to(device, non_blocking=True)).float().cpu().numpy())
+    local = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    if workers.world == 1:
+        return local
+    gathered = [None] * workers.world
+    torch.distributed.all_gather_object(gathered, local)
+    out = np.empty((len(dataset), max(g.shape[1] for g in gathered)), dtype=np.float32)
+    for rank, part in enumerate(gathered):
+        out[rank::workers.world] = part
+    return out
+
+
+def fingerprint(params: Params, mode: str, weights: models.ResolvedWeights, prepared: manifest.Prepared) -> str:
+    """What a saved resume state depends on: a changed setting starts a fresh run."""
+    keys = ["finetune.train", f"finetune.{mode}", "head", "loss", "sampler", "seed", "task", "model.precision",
+            "extract.token_layer", "extract.templates"]
+    values = {key: params.raw(key, None) for key in keys}
+    values.update(heads=params.raw(f"heads.{values['head']}", None),
+                  losses=params.raw(f"losses.{values['loss']}", None), mode=mode, weights=weights.sha256,
+                  dataset=prepared.name, manifest=len(prepared.manifest), root=str(prepared.root))
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def trim_log(log_dir: Path, step: int) -> None:
+    """Drop dvclive rows logged after the step a resumed run restarts from (they are re-run)."""
+    for tsv in Path(log_dir).glob("plots/**/*.tsv"):
+        lines = tsv.read_text().splitlines()
+        if not lines:
+            continue
+        column = lines[0].split("\t").index("step")
+        kept = [lines[0]] + [line for line in lines[1:] if int(line.split("\t")[column]) <= step]
+        tsv.write_text("\n".join(kept) + "\n")
+
+
+def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = None) -> Dict:
+    """Fine-tune in mode ``mode_name``; ``make_logger(log_dir, resume_step)`` gives a context
+    manager yielding a per-step logging function (the stage script's dvclive)."""
+    mode = modes.build(mode_name, params.optional_sub(f"finetune.{mode_name}"))
+    cfg = FinetuneConfig.from_params(params.sub("finetune.train"))
+    prepared = manifest.load(paths.PREPARED_DIR)
+    task = "multi" if check_task(params, prepared) else "single"
+    choice = validate_choice(params.str("head"), params.str("loss"), params.str("sampler"), None,
+                             params.int("seed", minimum=0), task)
+    token_layer = params.str("extract.token_layer")
+    templates = params.str("extract.templates")
+    weights = models.ResolvedWeights.load(paths.WEIGHTS_JSON)
+    workers, device = distributed_workers(params.str("model.device"))
+    precision = resolve_precision(params.str("model.precision"), device)
+    seed_everything(choice.seed)
+    clip_model, preprocess, tokenizer = models.load(weights, device)
+    if cfg.grad_checkpointing:
+        clip_model.set_grad_checkpointing(True)
+    prompts = prepared.classes["prompt"].tolist()
+    model = ft_model.build_model(clip_model, tokenizer, mode, choice.head, params.optional_sub(f"heads.{choice.head}"),
+                                 prompts, token_layer, templates, device, precision)
+    del clip_model
+    labels = prepared.label_array("train")
+    loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"),
+                           class_counts(labels, prepared.num_classes), len(labels))
+    match_head_to_loss(model.head, loss_fn, choice.loss)
+
+    def images(split: str, transform) -> ImageFiles:
+        return ImageFiles(prepared.root, prepared.split(split)["path"].tolist(), transform)
+
+    val_labels = prepared.label_array("val")
+    val_images = images("val", preprocess)
+
+    def validate(m) -> float:
+        logits = predict_images(m, val_images, cfg.micro_batch, device, precision, workers, cfg.workers)
+        return metrics.selection_score(logits, val_labels, prepared.multilabel)
+
+    norm = preprocess_attrs(model.encoder.visual.preprocess_cfg)
+    image_norm = {"size": ft_model.image_size(model.encoder.visual), "mean": norm["mean"], "std": norm["std"]}
+    work_dir = paths.PARTIAL_DIR / f"finetune-{mode_name}-{fingerprint(params, mode_name, weights, prepared)}"
+    log_dir = paths.FINETUNE_METRICS_DIR / f"{mode_name}_log"
+    resume_step = _saved_step(work_dir / "state.pt")
+    print(f"fine-tuning mode {mode_name}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+          f"trainable parameters of {sum(p.numel() for p in model.parameters()):,}; {workers.world} process(es), "
+          f"{device}, {precision}")
+    logger_cm = make_logger(log_dir, resume_step) if (make_logger and workers.rank == 0) else _no_logger()
+    with logger_cm as log_step:
+        summary = finetune(model, loss_fn, SAMPLERS.get(choice.sampler), images("train", None), labels,
+                           prepared.num_classes, image_norm, cfg, choice.seed, device, precision, workers, work_dir,
+                           log_step, validate)
+    test_logits = predict_images(model, images("test", preprocess), cfg.micro_batch, device, precision, workers,
+                                 cfg.workers)
+    if workers.rank == 0:
+        run = dict(choice.identity(), mode=mode_name, posthoc="none", posthoc_tau=None)
+        ft_model.save_finetuned(paths.FINETUNE_DIR / f"{mode_name}.pt", model, mode, choice.head, weights.sha256, run)
+        cache = f"{weights.arch}/{weights.pretrained or 'random-init'}/{weights.sha256[:12]}"
+        fields = dict(dataset=prepared.name, task=prepared.task, **run, features=f"{cache}+finetune")
+        result = write_metrics(test_logits, prepared.label_array("test"), prepared, fields, mode_name,
+                               paths.FINETUNE_METRICS_DIR)
+        report = dict(summary, config=asdict(cfg), trainable_parameters=len(model.trainable_names()))
+        (paths.FINETUNE_METRICS_DIR / f"{mode_name}_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        headline = "mAP" if prepared.multilabel else "top1"
+        print(f"finetune {mode_name}: test {headline} {result[headline]:.4f} (few {result.get('few', 'n/a')}); "
+              f"{summary['seconds']:.1f}s, {summary['steps_per_second']} steps/s")
+    workers.barrier()
+    if workers.world > 1:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _saved_step(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    # mmap: only the step is read, not the optimiser state of a large encoder
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+
+
+class _no_logger:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,40 @@
+"""DVC stage `finetune@<mode>`: see ltpipe.finetune.run.run_stage; per-step logs go to dvclive."""
+
+import contextlib
+import shutil
+import sys
+
+from dvclive import Live
+
+from ltpipe.config import Params
+from ltpipe.errors import main_guard
+from ltpipe.finetune.run import run_stage, trim_log
+
+
+@contextlib.contextmanager
+def dvclive_logger(log_dir, resume_step: int):
+    if resume_step:
+        trim_log(log_dir, resume_step)  # steps after the last checkpoint are trained again
+    else:
+        shutil.rmtree(log_dir, ignore_errors=True)  # a fresh run: no rows of an earlier one
+    # dvcyaml=None: the pipeline's dvc.yaml declares the plots; dvclive must not edit it mid-stage.
+    with Live(dir=str(log_dir), resume=bool(resume_step), dvcyaml=None, save_dvc_exp=False, report=None) as live:
+        def log(row):
+            live.step = row["step"]
+            for key, value in row.items():
+                if key not in ("step", "epoch"):
+                    live.log_metric(key, value)
+            live.next_step()
+
+        yield log
+
+
+@main_guard
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m stages.finetune <mode>   (full | partial | bitfit | vpt | coop)")
+    run_stage(Params.load(), sys.argv[1], dvclive_logger)
+
+
+if __name__ == "__main__":
+    main()
