@@ -15,7 +15,8 @@ from ltpipe import heads
 from ltpipe.config import Params
 from ltpipe.errors import ConfigError, DataError, WeightsError
 from ltpipe.features.extract import TokenTap, class_text_embeddings
-from ltpipe.finetune.modes import Mode, is_vit, rebuild as rebuild_mode
+from ltpipe.finetune.modes import Mode, is_vit
+from ltpipe.finetune.modes import rebuild as rebuild_mode
 from ltpipe.paths import atomic_target
 
 NO_GRADIENT_HEADS = ("knn", "ncm")  # fitted in one pass on features: nothing to back-propagate into

@@ -1,0 +1,267 @@
+"""End-to-end fine-tuning on the tiny model: every mode trains, frozen parts stay frozen,
+a killed run resumes exactly, and two gloo processes step like one."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ltpipe import losses
+from ltpipe.config import Params
+from ltpipe.data import manifest
+from ltpipe.errors import ConfigError
+from ltpipe.features import models
+from ltpipe.features.extract import ImageFiles, Workers
+from ltpipe.finetune import model as ft_model
+from ltpipe.finetune import modes
+from ltpipe.finetune.run import trim_log
+from ltpipe.finetune.train import FinetuneConfig, Plan, finetune, micro_batches, param_groups
+from ltpipe.runtime import seed_everything
+from ltpipe.samplers import SAMPLERS
+from ltpipe.training import class_counts
+from tests import dvc_repo
+
+FINETUNE = {"epochs": 2, "batch_size": 16, "micro_batch": 16, "checkpoint_every": 2, "workers": 0,
+            "warmup_epochs": 0, "lr": 1.0e-3, "head_lr": 1.0e-2}
+OVERRIDES = dict(dvc_repo.SMALL, **{"finetune.train": FINETUNE})
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A project copy with the small dataset prepared and the tiny model's weights written."""
+    path = dvc_repo.make(tmp_path_factory.mktemp("ft") / "repo", OVERRIDES)
+    dvc_repo.run(path, sys.executable, "-m", "stages.weights")
+    dvc_repo.run(path, sys.executable, "-m", "stages.prepare")
+    return path
+
+
+@pytest.fixture
+def inside(workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    return workspace
+
+
+def build(mode_name: str, head: str = "cosine", section=None):
+    seed_everything(0)
+    weights = models.ResolvedWeights.load("data/weights/weights.json")
+    clip_model, preprocess, tokenizer = models.load(weights, torch.device("cpu"))
+    prepared = manifest.load("data/prepared")
+    mode = modes.build(mode_name, section)
+    model = ft_model.build_model(clip_model, tokenizer, mode, head, None, prepared.classes["prompt"].tolist(),
+                                 "pre_ln", "single", torch.device("cpu"), "fp32")
+    return model, clip_model, preprocess, prepared
+
+
+def train_steps(model, prepared, steps: int, work_dir, **overrides):
+    cfg = FinetuneConfig(**dict(FINETUNE, iterations=steps, **overrides))
+    labels = prepared.label_array("train")
+    loss_fn = losses.build("ce", "single", None, class_counts(labels, prepared.num_classes), len(labels))
+    files = ImageFiles(prepared.root, prepared.split("train")["path"].tolist(), None)
+    norm = {"size": ft_model.image_size(model.encoder.visual), "mean": [0.5] * 3, "std": [0.25] * 3}
+    return finetune(model, loss_fn, SAMPLERS.get("instance"), files, labels, prepared.num_classes, norm, cfg, 0,
+                    torch.device("cpu"), "fp32", Workers(), work_dir)
+
+
+def fixed_batch_loss(model, preprocess, prepared) -> float:
+    rows = prepared.split("train").iloc[::4]
+    files = ImageFiles(prepared.root, rows["path"].tolist(), preprocess)
+    images = torch.stack([files[i][0] for i in range(len(files))])
+    labels = torch.from_numpy(prepared.label_array("train")[::4])
+    model.eval()
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(images), labels))
+
+
+EXPECTED_TRAINABLE = {
+    # mode: predicate on the names of the model's trainable parameters (head excluded)
+    "full": lambda n: n.startswith("encoder.visual."),
+    "partial": lambda n: n.startswith(("encoder.visual.transformer.resblocks.2.", "encoder.visual.transformer."
+                                       "resblocks.3.", "encoder.visual.ln_post.", "encoder.visual.proj")),
+    "bitfit": lambda n: n.endswith("bias") or ".ln_" in n,
+    "vpt": lambda n: n == "encoder.prompts.tokens",
+    "coop": lambda n: False,
+}
+
+
+@pytest.mark.parametrize("mode", ["full", "partial", "bitfit", "vpt", "coop"])
+def test_each_mode_trains_its_parameters_only_and_its_loss_falls(inside, tmp_path, mode):
+    head = "zeroshot" if mode == "coop" else "cosine"
+    model, clip_model, preprocess, prepared = build(mode, head)
+    trainable = set(model.trainable_names())
+    encoder = {n for n, _ in model.named_parameters() if not n.startswith("head.")}
+    expected = {n for n in encoder if EXPECTED_TRAINABLE[mode](n)}
+    assert trainable - {n for n in trainable if n.startswith("head.")} == expected
+    assert any(n.startswith("head.") for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    text_before = [p.detach().clone() for p in clip_model.transformer.parameters()]
+    loss_before = fixed_batch_loss(model, preprocess, prepared)
+    train_steps(model, prepared, 12, tmp_path / "work")
+    loss_after = fixed_batch_loss(model, preprocess, prepared)
+    assert loss_after < loss_before - 0.05, (loss_before, loss_after)
+    for name, param in model.named_parameters():
+        if name in trainable:
+            continue
+        assert torch.equal(param, before[name]), f"{mode}: frozen {name} changed"
+    changed = [n for n in trainable if not torch.equal(dict(model.named_parameters())[n], before[n])]
+    assert len(changed) == len(trainable), sorted(trainable - set(changed))[:5]
+    assert all(torch.equal(p, q) for p, q in zip(clip_model.transformer.parameters(), text_before))
+
+
+def test_token_heads_freeze_what_they_do_not_read(inside):
+    model, *_ = build("partial", "decoder")
+    names = set(model.trainable_names())
+    assert "encoder.visual.transformer.resblocks.3.mlp.c_fc.weight" in names
+    assert not {"encoder.visual.ln_post.weight", "encoder.visual.proj"} & names
+
+
+def test_modes_refuse_what_they_cannot_do(inside):
+    with pytest.raises(ConfigError, match="head: zeroshot"):
+        build("coop", "cosine")
+    with pytest.raises(ConfigError, match="fitted in one pass"):
+        build("full", "knn")
+    with pytest.raises(ConfigError, match="finetune.partial.blocks"):
+        build("partial", "cosine", Params({"blocks": 9}, prefix="finetune.partial"))
+    with pytest.raises(ConfigError, match="unknown fine-tuning mode 'lora'.*bitfit, coop, full, partial, vpt"):
+        modes.build("lora", None)
+
+
+def test_micro_batches_cover_the_global_batch_once_for_any_process_count():
+    batch = np.arange(37)
+    for world in (1, 2, 3):
+        for accumulation in (1, 2, 4):
+            pieces = [p for rank in range(world) for p in micro_batches(batch, world, accumulation, rank)]
+            assert sorted(np.concatenate(pieces).tolist()) == batch.tolist()
+            assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
+
+
+def test_plan_accumulates_to_the_global_batch_and_rejects_impossible_sizes():
+    cfg = FinetuneConfig(batch_size=64, micro_batch=16, epochs=3)
+    plan = Plan.make(1000, cfg, world=2)
+    assert (plan.accumulation, plan.steps_per_epoch, plan.total_steps) == (2, 15, 45)
+    with pytest.raises(ConfigError, match="larger than the training split"):
+        Plan.make(10, cfg, world=1)
+    with pytest.raises(ConfigError, match="at least one image"):
+        Plan.make(1000, FinetuneConfig(batch_size=2, micro_batch=1), world=4)
+
+
+def test_encoder_and_added_parameters_get_their_own_learning_rates(inside):
+    model, *_ = build("vpt")
+    model.encoder.visual.ln_post.requires_grad_(True)
+    groups = param_groups(model, FinetuneConfig(lr=1e-5, head_lr=1e-3, weight_decay=0.1))
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert by_param[id(named["encoder.prompts.tokens"])]["lr"] == 1e-3
+    assert by_param[id(named["encoder.prompts.tokens"])]["weight_decay"] == 0.0
+    assert by_param[id(named["encoder.visual.ln_post.weight"])]["lr"] == 1e-5
+    head_weight = next(p for n, p in named.items() if n.startswith("head.") and p.ndim == 2)
+    assert by_param[id(head_weight)]["weight_decay"] == 0.1
+
+
+def test_saved_model_reloads_to_the_same_predictions(inside, tmp_path):
+    model, clip_model, preprocess, prepared = build("vpt")
+    train_steps(model, prepared, 3, tmp_path / "work")
+    weights = models.ResolvedWeights.load("data/weights/weights.json")
+    mode = modes.build("vpt", None)
+    ft_model.save_finetuned(tmp_path / "vpt.pt", model, mode, "cosine", weights.sha256, {"seed": 0})
+    fresh, _, _ = models.load(weights, torch.device("cpu"))
+    loaded = ft_model.load_finetuned(tmp_path / "vpt.pt", fresh, weights.sha256)
+    images = torch.randn(4, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), model(images), atol=1e-5)
+    saved = torch.load(tmp_path / "vpt.pt", weights_only=True)
+    assert not any(k.startswith("encoder.visual.") for k in saved["state_dict"])  # VPT saves its prompts only
+
+
+def test_trim_log_drops_rows_after_the_resume_step(tmp_path):
+    tsv = tmp_path / "plots" / "metrics" / "loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("step\tloss\n1\t0.9\n2\t0.8\n3\t0.7\n4\t0.6\n")
+    trim_log(tmp_path, 2)
+    assert tsv.read_text() == "step\tloss\n1\t0.9\n2\t0.8\n"
+
+
+def _stage(workspace, mode: str, *launcher: str) -> subprocess.Popen:
+    env = dict(dvc_repo.env(), OMP_NUM_THREADS="1")
+    cmd = list(launcher or (sys.executable,)) + ["-m", "stages.finetune", mode]
+    return subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _set_params(workspace, head: str, **train):
+    params = dvc_repo.small_params(OVERRIDES)
+    params["finetune"]["train"].update(train)
+    params["head"] = head
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _result(workspace, mode: str):
+    state = torch.load(workspace / f"data/finetune/{mode}.pt", weights_only=True)["state_dict"]
+    metrics = json.loads((workspace / f"metrics/finetune/{mode}.json").read_text())
+    return state, metrics
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_result_of_an_uninterrupted_one(workspace):
+    _set_params(workspace, "cprfl", epochs=3, checkpoint_every=2)  # cprfl: dropout, so the RNG must resume too
+    _finish(_stage(workspace, "bitfit"))
+    expected_state, expected_metrics = _result(workspace, "bitfit")
+    (workspace / "data/finetune/bitfit.pt").unlink()
+    proc = _stage(workspace, "bitfit")
+    deadline = time.time() + 300
+    while not list((workspace / "data/partial").glob("finetune-bitfit-*/state.pt")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workspace / "data/finetune/bitfit.pt").exists()
+    saved_step = torch.load(next((workspace / "data/partial").glob("finetune-bitfit-*/state.pt")),
+                            weights_only=True)["step"]
+    out = _finish(_stage(workspace, "bitfit"))
+    assert f"resuming fine-tuning at step {saved_step}" in out
+    state, result = _result(workspace, "bitfit")
+    assert state.keys() == expected_state.keys()
+    for key in state:
+        assert torch.equal(state[key], expected_state[key]), key
+    assert result == expected_metrics
+    header, *rows = (workspace / "metrics/finetune/bitfit_log/plots/metrics/loss.tsv").read_text().splitlines()
+    column = header.split("\t").index("step")
+    steps = [int(row.split("\t")[column]) for row in rows]
+    assert steps == sorted(set(steps)), "a step was logged twice"
+    assert not list((workspace / "data/partial").glob("finetune-bitfit-*"))  # the work dir is gone once done
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_take_the_same_step_as_one(workspace):
+    """One optimiser step on a global batch of 16: one process with two accumulated micro-batches
+    of 8, and two processes (DistributedDataParallel, gloo) with one micro-batch of 8 each."""
+    # SGD without clipping: an update proportional to the gradient (Adam's would hide a wrong scale).
+    _set_params(workspace, "cosine", iterations=1, batch_size=16, micro_batch=8, checkpoint_every=1,
+                optimizer="sgd", clip_grad_norm=0.0, lr=0.05, head_lr=0.5)
+    _finish(_stage(workspace, "partial"))
+    one, _ = _result(workspace, "partial")
+    out = _finish(_stage(workspace, "partial", sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         "--nproc_per_node", "2"))
+    assert "2 process(es)" in out
+    two, _ = _result(workspace, "partial")
+    base, _, _ = models.load(models.ResolvedWeights.load(workspace / "data/weights/weights.json"), "cpu")
+    pretrained = dict(base.visual.named_parameters())
+    moved = 0
+    for key in one:
+        assert torch.allclose(one[key], two[key], atol=1e-6, rtol=1e-5), key
+        name = key.removeprefix("encoder.visual.")
+        if name in pretrained and not torch.equal(one[key], pretrained[name]):
+            moved += 1
+    assert moved > 10  # the step changed the encoder, and both runs changed it alike
