@@ -3,11 +3,12 @@
 import contextlib
 import shutil
 import sys
+from typing import List, Optional
 
 from dvclive import Live
 
 from ltpipe.config import Params
-from ltpipe.errors import main_guard
+from ltpipe.errors import ConfigError, main_guard
 from ltpipe.finetune.run import run_stage, trim_log
 
 
@@ -30,10 +31,11 @@ def dvclive_logger(log_dir, resume_step: int):
 
 
 @main_guard
-def main() -> None:
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m stages.finetune <mode>   (full | partial | bitfit | vpt | coop)")
-    run_stage(Params.load(), sys.argv[1], dvclive_logger)
+def main(argv: Optional[List[str]] = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise ConfigError(f"usage: python -m stages.finetune MODE (dvc.yaml passes it), got {args}")
+    run_stage(Params.load(), args[0], dvclive_logger)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,21 @@ def test_two_stage_and_posthoc_experiments(repo):
     dvc_repo.run(repo, "dvc", "checkout", "--force")
 
 
+def test_finetune_runs_only_when_a_mode_is_listed(repo):
+    # The fixture's plain `dvc repro` ran no finetune stage: `finetune.modes` is empty by default.
+    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "finetune.modes=[bitfit]")
+    assert dvc_repo.stages_run(result.stdout) == ["finetune@bitfit"]
+    tuned = json.loads((repo / "metrics/finetune/bitfit.json").read_text())
+    cached = json.loads((repo / "metrics/eval.json").read_text())
+    assert set(cached) < set(tuned) and tuned["mode"] == "bitfit" and tuned["loss"] == "ce"
+    assert (repo / "metrics/finetune/bitfit_log/plots/metrics/loss.tsv").is_file()
+    assert (repo / "data/finetune/bitfit.pt").is_file()
+    shown = json.loads(dvc_repo.run(repo, "dvc", "metrics", "show", "--json").stdout)
+    assert any("metrics/finetune/bitfit.json" in entry.get("data", {}) for entry in shown.values())
+    dvc_repo.run(repo, "git", "checkout", "--", ".")
+    dvc_repo.run(repo, "dvc", "checkout", "--force")
+
+
 def test_unknown_loss_fails_before_work_with_valid_names(repo):
     result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "loss=focl", check=False)
     assert result.returncode != 0

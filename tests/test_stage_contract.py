@@ -105,12 +105,15 @@ def test_every_param_a_stage_reads_is_declared(tmp_path, monkeypatch, capsys, vi
         reads.clear()
         module = importlib.import_module(f"stages.{stage}")
         if "matrix" in STAGES[stage]:
-            # Every cell of the sweep: its params are templated by the cell's values.
-            cells = [dict(head=h, loss=loss, seed=str(seed)) for h in params["sweep"]["heads"]
-                     for loss in params["sweep"]["losses"] for seed in params["sweep"]["seeds"]]
+            # Every cell of a matrix stage: its params are templated by the cell's values.
+            if stage == "sweep":
+                cells = [dict(head=h, loss=loss, seed=str(seed)) for h in params["sweep"]["heads"]
+                         for loss in params["sweep"]["losses"] for seed in params["sweep"]["seeds"]]
+            else:
+                cells = [dict(mode="partial")]  # finetune: the mode with options of its own
             for item in cells:
                 reads.clear()
-                module.main([item["head"], item["loss"], item["seed"]])
+                module.main(list(item.values()))
                 undeclared = sorted({key for key in reads if not declared(stage, key, item)})
                 assert not undeclared, f"stage {stage}@{item} reads {undeclared} without declaring them"
             continue
