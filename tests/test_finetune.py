@@ -59,14 +59,16 @@ def build(mode_name: str, head: str = "cosine", section=None):
     return model, clip_model, preprocess, prepared
 
 
-def train_steps(model, prepared, steps: int, work_dir, **overrides):
-    cfg = FinetuneConfig(**dict(FINETUNE, iterations=steps, **overrides))
+def train_steps(model, prepared, steps: int, work_dir, precision: str = "fp32"):
+    cfg = FinetuneConfig(**dict(FINETUNE, iterations=steps))
     labels = prepared.label_array("train")
     loss_fn = losses.build("ce", "single", None, class_counts(labels, prepared.num_classes), len(labels))
     files = ImageFiles(prepared.root, prepared.split("train")["path"].tolist(), None)
-    norm = {"size": ft_model.image_size(model.encoder.visual), "mean": [0.5] * 3, "std": [0.25] * 3}
+    visual = model.encoder.visual
+    norm = {"size": ft_model.image_size(visual), "mean": visual.preprocess_cfg["mean"],
+            "std": visual.preprocess_cfg["std"]}
     return finetune(model, loss_fn, SAMPLERS.get("instance"), files, labels, prepared.num_classes, norm, cfg, 0,
-                    torch.device("cpu"), "fp32", Workers(), work_dir)
+                    torch.device("cpu"), precision, Workers(), work_dir)
 
 
 def fixed_batch_loss(model, preprocess, prepared) -> float:
@@ -265,3 +267,34 @@ def test_two_gloo_processes_take_the_same_step_as_one(workspace):
         if name in pretrained and not torch.equal(one[key], pretrained[name]):
             moved += 1
     assert moved > 10  # the step changed the encoder, and both runs changed it alike
+
+
+def test_shadow_ema_is_the_hand_computed_average():
+    from ltpipe.finetune.train import ShadowEMA
+
+    layer = torch.nn.Linear(2, 1)
+    frozen = torch.nn.Linear(2, 1).requires_grad_(False)
+    model = torch.nn.Sequential(layer, frozen)
+    ema = ShadowEMA(model, decay=0.9)
+    start = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update()
+    expected = 0.9 * (0.9 * start + 0.1 * (start + 1)) + 0.1 * (start + 2)
+    with ema.swapped_in():
+        assert torch.allclose(layer.weight, expected)
+    assert torch.allclose(layer.weight, start + 1 + 1, atol=0, rtol=0)  # restored after validation
+    assert len(ema.shadow) == 2  # the frozen layer is not averaged
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_paths_train(inside, tmp_path, precision):
+    # CUDA runs autocast in bf16 (fp16 with a loss scaler); the same code runs here on CPU.
+    model, _, preprocess, prepared = build("bitfit")
+    before = fixed_batch_loss(model, preprocess, prepared)
+    summary = train_steps(model, prepared, 12, tmp_path / "work", precision)
+    assert np.isfinite(summary["final_loss"])
+    assert fixed_batch_loss(model, preprocess, prepared) < before - 0.05
