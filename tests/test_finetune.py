@@ -2,7 +2,6 @@
 a killed run resumes exactly, and two gloo processes step like one."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -215,33 +214,60 @@ def _result(workspace, mode: str):
     return state, metrics
 
 
+def _saved_step(workspace, mode: str):
+    states = list((workspace / "data/partial").glob(f"finetune-{mode}-*/state.pt"))
+    try:
+        return int(torch.load(states[0], weights_only=True, mmap=True)["step"]) if states else None
+    except (RuntimeError, OSError, EOFError):  # replaced while being read
+        return None
+
+
+def _kill_once_saved(workspace, mode: str, wanted) -> int:
+    """Start the stage, SIGKILL it as soon as its saved state's step satisfies ``wanted``; return that step."""
+    proc = _stage(workspace, mode)
+    deadline = time.time() + 300
+    while True:
+        step = _saved_step(workspace, mode)
+        if step is not None and wanted(step):
+            break
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the checkpoint wanted"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return step
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_result_of_an_uninterrupted_one(workspace):
-    _set_params(workspace, "cprfl", epochs=3, checkpoint_every=2)  # cprfl: dropout, so the RNG must resume too
+    # 100 training images, batch 16: 6 steps an epoch, 18 in all. cprfl has dropout: the RNG must resume too.
+    _set_params(workspace, "cprfl", epochs=3, checkpoint_every=3)
     _finish(_stage(workspace, "bitfit"))
     expected_state, expected_metrics = _result(workspace, "bitfit")
     (workspace / "data/finetune/bitfit.pt").unlink()
-    proc = _stage(workspace, "bitfit")
-    deadline = time.time() + 300
-    while not list((workspace / "data/partial").glob("finetune-bitfit-*/state.pt")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    first = _kill_once_saved(workspace, "bitfit", lambda step: step > 0)  # mid-epoch (step 3)
     assert not (workspace / "data/finetune/bitfit.pt").exists()
-    saved_step = torch.load(next((workspace / "data/partial").glob("finetune-bitfit-*/state.pt")),
-                            weights_only=True)["step"]
+    # Saving at epoch ends only (a setting that does not restart the run): the next kill follows an
+    # epoch's validation and checkpoint, the one after the final step's.
+    _set_params(workspace, "cprfl", epochs=3, checkpoint_every=6)
+    boundary = _kill_once_saved(workspace, "bitfit", lambda step: step > first)
+    assert boundary % 6 == 0 and not (workspace / "data/finetune/bitfit.pt").exists()
+    last = _kill_once_saved(workspace, "bitfit", lambda step: step == 18)
     out = _finish(_stage(workspace, "bitfit"))
-    assert f"resuming fine-tuning at step {saved_step}" in out
+    assert f"resuming fine-tuning at step {last}" in out
+
     state, result = _result(workspace, "bitfit")
     assert state.keys() == expected_state.keys()
     for key in state:
         assert torch.equal(state[key], expected_state[key]), key
     assert result == expected_metrics
-    header, *rows = (workspace / "metrics/finetune/bitfit_log/plots/metrics/loss.tsv").read_text().splitlines()
-    column = header.split("\t").index("step")
-    steps = [int(row.split("\t")[column]) for row in rows]
-    assert steps == sorted(set(steps)), "a step was logged twice"
+    log = workspace / "metrics/finetune/bitfit_log/plots/metrics"
+    for name, expected_steps in (("loss.tsv", list(range(1, 19))), ("val_score.tsv", [6, 12, 18])):
+        header, *rows = (log / name).read_text().splitlines()
+        column = header.split("\t").index("step")
+        assert [int(row.split("\t")[column]) for row in rows] == expected_steps, name
+    report = json.loads((workspace / "metrics/finetune/bitfit_report.json").read_text())
+    assert report["resumed_from_step"] == 18 and report["val_score"] is not None
     assert not list((workspace / "data/partial").glob("finetune-bitfit-*"))  # the work dir is gone once done
 
 
@@ -298,3 +324,22 @@ def test_reduced_precision_paths_train(inside, tmp_path, precision):
     summary = train_steps(model, prepared, 12, tmp_path / "work", precision)
     assert np.isfinite(summary["final_loss"])
     assert fixed_batch_loss(model, preprocess, prepared) < before - 0.05
+
+
+def test_batch_norms_of_frozen_parts_keep_their_statistics():
+    # ResNet towers: a frozen batch norm must not drift in train mode; a trained one's statistics are saved.
+    frozen_bn, tuned_bn = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(4)
+    visual = torch.nn.Sequential(frozen_bn, torch.nn.Conv2d(3, 4, 1), tuned_bn, torch.nn.Flatten(),
+                                 torch.nn.LazyLinear(5))
+    visual(torch.randn(2, 3, 2, 2))
+    visual.requires_grad_(False)
+    tuned_bn.requires_grad_(True)
+    model = ft_model.FinetuneModel(ft_model.ImageEncoder(visual, "pooled", "pre_ln"), torch.nn.Linear(5, 2))
+    model.train()
+    assert not frozen_bn.training and tuned_bn.training
+    before = frozen_bn.running_mean.clone()
+    model(torch.randn(8, 3, 2, 2) + 3)
+    assert torch.equal(frozen_bn.running_mean, before)
+    keys = set(model.tuned_state())
+    assert {"encoder.visual.2.running_mean", "encoder.visual.2.running_var", "encoder.visual.2.weight"} <= keys
+    assert not any(k.startswith("encoder.visual.0.") for k in keys)

@@ -109,6 +109,7 @@ class CoOpHead(nn.Module):
         if logit_scale is None:
             logit_scale = clip_model.logit_scale.exp().item()
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale), device=device))
+        self._eval_text: Optional[torch.Tensor] = None
 
     def text_features(self) -> torch.Tensor:
         """[classes, embed_dim] L2-normalised class embeddings; gradients flow to ``self.context``.
@@ -136,8 +137,19 @@ class CoOpHead(nn.Module):
                 x = x @ model.text_projection
         return F.normalize(x.float(), dim=-1)
 
+    def train(self, mode: bool = True) -> "CoOpHead":
+        self._eval_text = None  # `eval()` comes through here too: the context may have changed since
+        return super().train(mode)
+
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.logit_scale * F.linear(F.normalize(pooled.float(), dim=-1), self.text_features())
+        if self.training or torch.is_grad_enabled():
+            text = self.text_features()
+        else:
+            # Evaluation: the context is fixed, so the class embeddings are computed once, not per batch.
+            if self._eval_text is None:
+                self._eval_text = self.text_features()
+            text = self._eval_text
+        return self.logit_scale * F.linear(F.normalize(pooled.float(), dim=-1), text)
 
     def to_zeroshot(self) -> ZeroShotHead:
         """A frozen :class:`ZeroShotHead` with the current class embeddings, on this head's device."""

@@ -34,6 +34,16 @@ class ImageEncoder(nn.Module):
         self.token_layer = token_layer
         self._tap = TokenTap(visual, token_layer) if output == "tokens" else None
 
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        """Batch norms of frozen parts stay in eval mode: a frozen ResNet keeps its running statistics."""
+        super().train(mode)
+        if mode:
+            for module in self.visual.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in module.parameters(recurse=False)):
+                    module.eval()
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.visual(images)
         if self._tap is None:
@@ -54,15 +64,23 @@ class FinetuneModel(nn.Module):
     def trainable_names(self) -> List[str]:
         return [name for name, param in self.named_parameters() if param.requires_grad]
 
+    def tuned_keys(self) -> set:
+        """State keys fine-tuning can change: trainable parameters, the buffers of modules that
+        own them (a trained batch norm's running statistics) and the head's whole state."""
+        keys = set(self.trainable_names())
+        for prefix, module in self.named_modules():
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                keys.update(f"{prefix}.{name}" if prefix else name for name, _ in module.named_buffers(recurse=False))
+        return keys | {k for k in self.state_dict() if k.startswith("head.")}
+
     def tuned_state(self) -> Dict[str, torch.Tensor]:
-        """What fine-tuning changed: trainable parameters and the head's whole state; the rest is
-        the pretrained checkpoint."""
-        keep = set(self.trainable_names())
-        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k in keep or k.startswith("head.")}
+        """What fine-tuning changed; the rest is the pretrained checkpoint."""
+        keys = self.tuned_keys()
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k in keys}
 
     def load_tuned_state(self, state: Dict[str, torch.Tensor]) -> None:
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing_tuned = [k for k in missing if k.startswith("head.") or k in set(self.trainable_names())]
+        missing_tuned = sorted(set(missing) & self.tuned_keys())
         if unexpected or missing_tuned:
             raise DataError(f"the saved fine-tuning state does not fit this model (unexpected keys "
                             f"{unexpected[:3]}, missing {missing_tuned[:3]}): it was made with other settings. "
@@ -173,7 +191,9 @@ def load_finetuned(path: Path, clip_model: nn.Module, weights_sha256: str) -> Fi
     prompts = mode.apply(clip_model.visual)
     head = heads.rebuild(saved["head"], saved["head_kwargs"])
     model = FinetuneModel(ImageEncoder(clip_model.visual, saved["output"], saved["token_layer"], prompts), head)
-    _, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
-    if unexpected:
-        raise DataError(f"{path} holds parameters this model does not have ({', '.join(unexpected[:3])}).")
+    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+    missing_tuned = sorted(set(missing) & model.tuned_keys())
+    if unexpected or missing_tuned:
+        raise DataError(f"{path} does not fit the model it names (unexpected {unexpected[:3]}, missing "
+                        f"{missing_tuned[:3]}): it is damaged or from another ltpipe version.")
     return model.eval()

@@ -34,36 +34,45 @@ from ltpipe.training import class_counts, match_head_to_loss, validate_choice
 
 @torch.inference_mode()
 def predict_images(model, dataset, batch_size: int, device: torch.device, precision: str, workers: Workers,
-                   num_workers: int) -> np.ndarray:
-    """Logits of every item of ``dataset``; under ``torchrun`` each process predicts every
-    ``world``-th item and all of them get the whole array."""
+                   num_workers: int) -> Optional[np.ndarray]:
+    """Logits of every item of ``dataset``. Under ``torchrun`` each process predicts every
+    ``world``-th item and process 0 alone receives the whole array (others get ``None``)."""
     model.eval()
     rows = np.arange(workers.rank, len(dataset), workers.world)
+    # Its own generator: evaluating must not draw from the global RNG that training's dropout uses.
     loader = DataLoader(Subset(dataset, rows.tolist()), batch_size=batch_size, shuffle=False,
-                        **data_loader_kwargs(device, num_workers))
+                        generator=torch.Generator(), **data_loader_kwargs(device, num_workers))
     parts = []
     for images, _, _ in loader:
         with autocast(device, precision):
             parts.append(model(images.to(device, non_blocking=True)).float().cpu().numpy())
-    local = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    local = np.concatenate(parts) if parts else None
     if workers.world == 1:
         return local
-    gathered = [None] * workers.world
-    torch.distributed.all_gather_object(gathered, local)
-    out = np.empty((len(dataset), max(g.shape[1] for g in gathered)), dtype=np.float32)
+    gathered = [None] * workers.world if workers.rank == 0 else None
+    torch.distributed.gather_object(local, gathered, dst=0)
+    if workers.rank > 0:
+        return None
+    width = next(part.shape[1] for part in gathered if part is not None)
+    out = np.empty((len(dataset), width), dtype=np.float32)
     for rank, part in enumerate(gathered):
-        out[rank::workers.world] = part
+        if part is not None:
+            out[rank::workers.world] = part
     return out
 
 
-def fingerprint(params: Params, mode: str, weights: models.ResolvedWeights, prepared: manifest.Prepared) -> str:
-    """What a saved resume state depends on: a changed setting starts a fresh run."""
+def fingerprint(params: Params, mode: str, weights: models.ResolvedWeights) -> str:
+    """What a saved resume state depends on: a changed setting or dataset starts a fresh run.
+    Settings that cannot change the result (workers, checkpoint interval, gradient
+    checkpointing) are left out, so changing them resumes."""
     keys = ["finetune.train", f"finetune.{mode}", "head", "loss", "sampler", "seed", "task", "model.precision",
             "extract.token_layer", "extract.templates"]
     values = {key: params.raw(key, None) for key in keys}
+    values["finetune.train"] = {k: v for k, v in (values["finetune.train"] or {}).items()
+                                if k not in ("workers", "checkpoint_every", "grad_checkpointing")}
     values.update(heads=params.raw(f"heads.{values['head']}", None),
                   losses=params.raw(f"losses.{values['loss']}", None), mode=mode, weights=weights.sha256,
-                  dataset=prepared.name, manifest=len(prepared.manifest), root=str(prepared.root))
+                  data=[models.sha256_of(paths.PREPARED_DIR / name) for name in ("manifest.csv", "classes.csv")])
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -74,8 +83,15 @@ def trim_log(log_dir: Path, step: int) -> None:
         if not lines:
             continue
         column = lines[0].split("\t").index("step")
-        kept = [lines[0]] + [line for line in lines[1:] if int(line.split("\t")[column]) <= step]
+        kept = [lines[0]] + [line for line in lines[1:] if _step_of(line, column) <= step]
         tsv.write_text("\n".join(kept) + "\n")
+
+
+def _step_of(line: str, column: int) -> float:
+    try:
+        return int(line.split("\t")[column])
+    except (IndexError, ValueError):  # a row cut short by the kill
+        return float("inf")
 
 
 def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = None) -> Dict:
@@ -104,6 +120,9 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"),
                            class_counts(labels, prepared.num_classes), len(labels))
     match_head_to_loss(model.head, loss_fn, choice.loss)
+    if getattr(model.head, "ema_decay", 0.0) > 0 and cfg.ema == 0:
+        print(f"WARNING: `heads.{choice.head}.ema` applies to the cached path; fine-tuning averages weights with "
+              "`finetune.train.ema` (now 0: off).")
 
     def images(split: str, transform) -> ImageFiles:
         return ImageFiles(prepared.root, prepared.split(split)["path"].tolist(), transform)
@@ -111,13 +130,13 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     val_labels = prepared.label_array("val")
     val_images = images("val", preprocess)
 
-    def validate(m) -> float:
+    def validate(m) -> Optional[float]:
         logits = predict_images(m, val_images, cfg.micro_batch, device, precision, workers, cfg.workers)
-        return metrics.selection_score(logits, val_labels, prepared.multilabel)
+        return None if logits is None else metrics.selection_score(logits, val_labels, prepared.multilabel)
 
     norm = preprocess_attrs(model.encoder.visual.preprocess_cfg)
     image_norm = {"size": ft_model.image_size(model.encoder.visual), "mean": norm["mean"], "std": norm["std"]}
-    work_dir = paths.PARTIAL_DIR / f"finetune-{mode_name}-{fingerprint(params, mode_name, weights, prepared)}"
+    work_dir = paths.PARTIAL_DIR / f"finetune-{mode_name}-{fingerprint(params, mode_name, weights)}"
     log_dir = paths.FINETUNE_METRICS_DIR / f"{mode_name}_log"
     resume_step = _saved_step(work_dir / "state.pt")
     print(f"fine-tuning mode {mode_name}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
@@ -137,7 +156,8 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
         fields = dict(dataset=prepared.name, task=prepared.task, **run, features=f"{cache}+finetune")
         result = write_metrics(test_logits, prepared.label_array("test"), prepared, fields, mode_name,
                                paths.FINETUNE_METRICS_DIR)
-        report = dict(summary, config=asdict(cfg), trainable_parameters=len(model.trainable_names()))
+        report = dict(summary, config=asdict(cfg),
+                      trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
         (paths.FINETUNE_METRICS_DIR / f"{mode_name}_report.json").write_text(json.dumps(report, indent=2) + "\n")
         shutil.rmtree(work_dir, ignore_errors=True)
         headline = "mAP" if prepared.multilabel else "top1"

@@ -122,7 +122,7 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig) -> List[Dict]:
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
@@ -138,24 +138,19 @@ class ShadowEMA:
     def update(self) -> None:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
 
+    def swap(self) -> None:
+        """Exchange the model's trainable weights with the averages (storage, not copies)."""
+        for i, param in enumerate(self.params):
+            param.data, self.shadow[i] = self.shadow[i], param.data
+
     @contextlib.contextmanager
     def swapped_in(self):
         """The model with the averaged weights, restored afterwards."""
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in self.params]
-            for p, s in zip(self.params, self.shadow):
-                p.copy_(s)
+        self.swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
-
-    @torch.no_grad()
-    def copy_to_model(self) -> None:
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s)
+            self.swap()
 
     def state_dict(self) -> List[torch.Tensor]:
         return [s.detach().cpu() for s in self.shadow]
@@ -185,9 +180,10 @@ class ResumeState:
     def __init__(self, work_dir: Path, workers: Workers):
         self.path = Path(work_dir) / "state.pt"
         self.workers = workers
+        self.saved: Dict = {}  # what the last save recorded besides the state (last loss, val score)
 
     def save(self, step: int, model, optimizer, schedule, scaler, ema: Optional[ShadowEMA],
-             device: torch.device) -> None:
+             device: torch.device, **record) -> None:
         rng = _rng_state(device)
         if self.workers.world > 1:
             gathered = [None] * self.workers.world
@@ -199,7 +195,7 @@ class ResumeState:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             payload = {"step": step, "model": model.tuned_state(), "optimizer": optimizer.state_dict(),
                        "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-                       "ema": ema.state_dict() if ema is not None else None, "rng": rng_states}
+                       "ema": ema.state_dict() if ema is not None else None, "rng": rng_states, **record}
             with atomic_target(self.path) as partial:
                 torch.save(payload, partial)
         self.workers.barrier()
@@ -208,7 +204,8 @@ class ResumeState:
         """Restore the last save, if any; return the step to continue from."""
         if not self.path.is_file():
             return 0
-        saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        saved = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        self.saved = {k: saved.get(k) for k in ("loss", "val_score")}
         model.load_tuned_state(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
@@ -241,7 +238,8 @@ class Plan:
         accumulation = cfg.accumulation(world)
         if cfg.batch_size < world * accumulation:
             raise ConfigError(f"`finetune.train.batch_size` ({cfg.batch_size}) must give each of the {world} "
-                              "processes at least one image per micro-batch; raise it or use fewer processes.")
+                              "processes at least one image per micro-batch: raise it (or `micro_batch`, for fewer "
+                              "accumulation steps), or use fewer processes.")
         steps_per_epoch = num_images // cfg.batch_size
         total = cfg.iterations or cfg.epochs * steps_per_epoch
         return cls(steps_per_epoch, total, math.ceil(total / steps_per_epoch),
@@ -281,37 +279,44 @@ def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, la
         trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    started, first_step, history = time.perf_counter(), step, []
+    started, first_step = time.perf_counter(), step
+    last = {"loss": resume.saved.get("loss"), "val_score": resume.saved.get("val_score")}
     while step < plan.total_steps:
         epoch, offset = divmod(step, plan.steps_per_epoch)
         order = sampler(members, len(labels), seed, epoch)
-        last = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
-        batches = [order[k * cfg.batch_size:(k + 1) * cfg.batch_size] for k in range(offset, last)]
+        end = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
+        batches = [order[k * cfg.batch_size:(k + 1) * cfg.batch_size] for k in range(offset, end)]
         mine = [piece for batch in batches for piece in micro_batches(batch, workers.world, plan.accumulation,
                                                                       workers.rank)]
+        # Its own generator: creating the iterator must not draw from the global RNG (dropout's).
         loader = DataLoader(views, batch_sampler=[(piece * plan.epochs + epoch).tolist() for piece in mine],
                             generator=torch.Generator(), **data_loader_kwargs(device, cfg.workers))
         model.train()
         micro = iter(zip(loader, mine))
         for batch in batches:
-            step_loss = 0.0
+            step_loss = torch.zeros((), device=device)
             for a in range(plan.accumulation):
                 (images, _, _), piece = next(micro)
-                weight = len(piece) / len(batch) * workers.world
                 sync = a == plan.accumulation - 1 or workers.world == 1
                 with (contextlib.nullcontext() if sync else trained.no_sync()):
                     with autocast(device, precision):
                         logits = trained(images.to(device, non_blocking=True))
                     if hasattr(loss_fn, "set_progress"):
                         loss_fn.set_progress(step, plan.total_steps)
-                    loss = loss_fn(logits.float(), target[torch.from_numpy(piece)].to(device))
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"the fine-tuning loss became {loss.item()} at step {step}. Lower `finetune.train.lr` "
-                            f"/ `head_lr` (now {cfg.lr} / {cfg.head_lr}); the last checkpoint ({resume.path}) "
-                            "is kept.")
-                    scaler.scale(loss * weight).backward()
-                step_loss += float(loss.detach()) * len(piece) / len(batch)
+                    share = len(piece) / len(batch)
+                    loss = loss_fn(logits.float(), target[torch.from_numpy(piece)].to(device)) * share
+                    scaler.scale(loss * workers.world).backward()  # DDP averages over processes
+                step_loss += loss.detach()
+            if workers.world > 1:
+                torch.distributed.all_reduce(step_loss)  # each share is already weighted by its images
+            step_loss = float(step_loss)
+            if not math.isfinite(step_loss):
+                # Every process sees the same reduced loss, so all stop here together.
+                raise TrainingError(
+                    f"the fine-tuning loss became {step_loss} at step {step}. Lower `finetune.train.lr` / `head_lr` "
+                    f"(now {cfg.lr} / {cfg.head_lr}); the last checkpoint ({resume.path}) is kept.")
+            row = {"step": step + 1, "epoch": epoch, "loss": step_loss,
+                   **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}  # the rates this step used
             if cfg.clip_grad_norm > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
@@ -322,33 +327,23 @@ def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, la
             if ema is not None:
                 ema.update()
             step += 1
-            if workers.world > 1:
-                total = torch.tensor([step_loss], device=device)
-                torch.distributed.all_reduce(total)
-                step_loss = float(total)  # each process's share is already weighted by its images
-            row = {"step": step, "epoch": epoch, "loss": step_loss,
-                   **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}
-            history.append(row)
+            last["loss"] = step_loss
             if log_step is not None and workers.rank == 0:
                 log_step(row)
+            if validate is not None and (step % plan.steps_per_epoch == 0 or step == plan.total_steps):
+                # Before the checkpoint of this step: a resumed run never skips an epoch's validation.
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
+                        last["val_score"] = validate(model)
+                if log_step is not None and workers.rank == 0:
+                    log_step({"step": step, "epoch": epoch, "val_score": last["val_score"]})
             if step % cfg.checkpoint_every == 0 or step == plan.total_steps:
-                resume.save(step, model, optimizer, schedule, scaler, ema, device)
-        if validate is not None:
-            with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-                score = validate(model)
-            if log_step is not None and workers.rank == 0:
-                log_step({"step": step, "epoch": epoch, "val_score": score})
-            history[-1]["val_score"] = score
-    if validate is not None and not any("val_score" in row for row in history):
-        # Resumed from the final checkpoint (killed while evaluating): score it once.
-        with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-            history.append({"step": step, "val_score": validate(model)})
+                resume.save(step, model, optimizer, schedule, scaler, ema, device, **last)
     if ema is not None:
-        ema.copy_to_model()
+        ema.swap()  # the average is the model kept
     seconds = time.perf_counter() - started
     steps_done = step - first_step
     return {"steps": plan.total_steps, "epochs": plan.epochs, "resumed_from_step": first_step,
             "accumulation": plan.accumulation, "processes": workers.world, "seconds": round(seconds, 2),
             "steps_per_second": round(steps_done / seconds, 3) if steps_done else None,
-            "final_loss": history[-1]["loss"] if history else None,
-            "val_score": next((r["val_score"] for r in reversed(history) if "val_score" in r), None)}
+            "final_loss": last["loss"], "val_score": last["val_score"]}
