@@ -343,3 +343,37 @@ def test_batch_norms_of_frozen_parts_keep_their_statistics():
     keys = set(model.tuned_state())
     assert {"encoder.visual.2.running_mean", "encoder.visual.2.running_var", "encoder.visual.2.weight"} <= keys
     assert not any(k.startswith("encoder.visual.0.") for k in keys)
+
+
+def test_multilabel_fine_tuning_trains_with_a_class_balanced_sampler(inside, tmp_path):
+    from ltpipe.data.manifest import build as build_manifest
+    from tests.conftest import make_source
+
+    prepared = build_manifest(make_source(tmp_path / "ml", multilabel=True))
+    weights = models.ResolvedWeights.load("data/weights/weights.json")
+    seed_everything(0)
+    clip_model, preprocess, tokenizer = models.load(weights, torch.device("cpu"))
+    model = ft_model.build_model(clip_model, tokenizer, modes.build("partial", None), "cosine", None,
+                                 prepared.classes["prompt"].tolist(), "pre_ln", "single", torch.device("cpu"), "fp32")
+    labels = prepared.label_array("train")
+    assert labels.ndim == 2
+    loss_fn = losses.build("asl", "multi", None, class_counts(labels, prepared.num_classes), len(labels))
+    eval_files = ImageFiles(prepared.root, prepared.split("train")["path"].tolist(), preprocess)
+    images = torch.stack([eval_files[i][0] for i in range(len(eval_files))])
+    target = torch.from_numpy(labels.astype(np.float32))
+
+    def training_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(loss_fn(model(images), target))
+
+    before = training_loss()
+    files = ImageFiles(prepared.root, prepared.split("train")["path"].tolist(), None)
+    visual = model.encoder.visual
+    norm = {"size": 64, "mean": visual.preprocess_cfg["mean"], "std": visual.preprocess_cfg["std"]}
+    cfg = FinetuneConfig(**dict(FINETUNE, iterations=30, lr=1e-4))  # Adam's first full steps overshoot: give it 30
+    summary = finetune(model, loss_fn, SAMPLERS.get("class_balanced"), files, labels, prepared.num_classes, norm,
+                       cfg, 0, torch.device("cpu"), "fp32", Workers(), tmp_path / "work",
+                       validate=lambda m: 0.5)
+    assert np.isfinite(summary["final_loss"]) and summary["val_score"] == 0.5
+    assert training_loss() < before - 0.02, before
