@@ -83,6 +83,21 @@ def test_second_repro_runs_nothing(repo):
     assert "up to date" in result.stdout
 
 
+def test_finetune_runs_only_when_a_mode_is_listed(repo):
+    # Before the experiments below, which leave metrics/train changed. The fixture's plain `dvc repro` ran no finetune stage: `finetune.modes` is empty by default.
+    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "finetune.modes=[bitfit]")
+    assert dvc_repo.stages_run(result.stdout) == ["finetune@bitfit"]
+    tuned = json.loads((repo / "metrics/finetune/bitfit.json").read_text())
+    cached = json.loads((repo / "metrics/eval.json").read_text())
+    assert set(cached) < set(tuned) and tuned["mode"] == "bitfit" and tuned["loss"] == "ce"
+    assert (repo / "metrics/finetune/bitfit_log/plots/metrics/loss.tsv").is_file()
+    assert (repo / "data/finetune/bitfit.pt").is_file()
+    shown = json.loads(dvc_repo.run(repo, "dvc", "metrics", "show", "--json").stdout)
+    assert any("metrics/finetune/bitfit.json" in entry.get("data", {}) for entry in shown.values())
+    dvc_repo.run(repo, "git", "checkout", "--", ".")
+    dvc_repo.run(repo, "dvc", "checkout", "--force")
+
+
 def test_loss_experiment_reruns_only_train_and_evaluate(repo):
     features = repo / "data/features/train.h5"
     before = features.stat().st_mtime_ns
@@ -111,21 +126,6 @@ def test_two_stage_and_posthoc_experiments(repo):
     assert dvc_repo.stages_run(result.stdout) == ["evaluate"]
     adjusted = json.loads((repo / "metrics/eval.json").read_text())
     assert adjusted["posthoc"] == "logit_adjust" and 0 <= adjusted["posthoc_tau"] <= 2
-    dvc_repo.run(repo, "git", "checkout", "--", ".")
-    dvc_repo.run(repo, "dvc", "checkout", "--force")
-
-
-def test_finetune_runs_only_when_a_mode_is_listed(repo):
-    # The fixture's plain `dvc repro` ran no finetune stage: `finetune.modes` is empty by default.
-    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "finetune.modes=[bitfit]")
-    assert dvc_repo.stages_run(result.stdout) == ["finetune@bitfit"]
-    tuned = json.loads((repo / "metrics/finetune/bitfit.json").read_text())
-    cached = json.loads((repo / "metrics/eval.json").read_text())
-    assert set(cached) < set(tuned) and tuned["mode"] == "bitfit" and tuned["loss"] == "ce"
-    assert (repo / "metrics/finetune/bitfit_log/plots/metrics/loss.tsv").is_file()
-    assert (repo / "data/finetune/bitfit.pt").is_file()
-    shown = json.loads(dvc_repo.run(repo, "dvc", "metrics", "show", "--json").stdout)
-    assert any("metrics/finetune/bitfit.json" in entry.get("data", {}) for entry in shown.values())
     dvc_repo.run(repo, "git", "checkout", "--", ".")
     dvc_repo.run(repo, "dvc", "checkout", "--force")
 
