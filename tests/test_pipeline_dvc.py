@@ -84,7 +84,8 @@ def test_second_repro_runs_nothing(repo):
 
 
 def test_finetune_runs_only_when_a_mode_is_listed(repo):
-    # Before the experiments below, which leave metrics/train changed. The fixture's plain `dvc repro` ran no finetune stage: `finetune.modes` is empty by default.
+    # Runs before the experiments below, which leave metrics/train changed. The fixture's plain
+    # `dvc repro` ran no finetune stage: `finetune.modes` is empty by default.
     result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "finetune.modes=[bitfit]")
     assert dvc_repo.stages_run(result.stdout) == ["finetune@bitfit"]
     tuned = json.loads((repo / "metrics/finetune/bitfit.json").read_text())
