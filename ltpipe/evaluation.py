@@ -35,12 +35,24 @@ def check_task(params: Params, prepared: manifest.Prepared) -> bool:
     return prepared.multilabel
 
 
-def check_features(features: SplitFeatures, prepared: manifest.Prepared) -> None:
+def check_features(features: SplitFeatures, prepared: manifest.Prepared,
+                   weights_json: Path = paths.WEIGHTS_JSON) -> None:
+    """The cache must hold this dataset's features, made by the model `weights` names now."""
     cached = int(features.attrs.get("num_classes", -1))
     if cached != prepared.num_classes or str(features.attrs.get("dataset")) != prepared.name:
         raise DataError(
             f"{features.path} holds features of {features.attrs.get('dataset')!r} with {cached} classes, but the "
             f"prepared dataset is {prepared.name!r} with {prepared.num_classes}. Re-run `dvc repro extract`.")
+    weights_json = Path(weights_json)
+    if not weights_json.is_file():
+        return  # no weights stage here (library use): nothing to compare with
+    current = json.loads(weights_json.read_text())
+    made_by = str(features.attrs.get("weights_sha256", ""))
+    if made_by and made_by != current.get("sha256"):
+        raise DataError(
+            f"{features.path} holds features made by another model ({cache_id(features)}) than the one the "
+            f"params name now ({current.get('arch')}/{current.get('pretrained') or 'random-init'}/"
+            f"{str(current.get('sha256'))[:12]}). Re-run `dvc repro extract`.")
 
 
 def cache_id(features: SplitFeatures) -> str:

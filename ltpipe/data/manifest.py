@@ -15,6 +15,7 @@ tail < 20 (Wu et al., ECCV 2020; CPRFL).
 
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -119,9 +120,10 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
     for split in ("train", "test"):
         if split not in entries:
             raise DataError(f"dataset {source.name!r} has no {split} list. Set its `{split}_list` in params.yaml.")
-    _check_paths(entries, source)
+    entries = _check_paths(entries, source)
     _check_labels(entries, num_classes, source)
     _check_leakage(entries, source)
+    _check_every_class_trained(entries["train"], num_classes, names, source)  # before the (slow) scan
     report: dict = {"dataset": source.name}
     if check_files:
         entries, missing = _check_files(entries, source.root, options.on_bad_image == "skip")
@@ -141,13 +143,7 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
         report["validation"] = {"carved_from_train": len(entries["val"]), "fraction": options.val_fraction,
                                 "seed": options.split_seed}
 
-    counts = _class_counts(entries["train"], num_classes)
-    empty = np.flatnonzero(counts == 0)
-    if len(empty):
-        raise DataError(
-            f"{len(empty)} class(es) of {source.name!r} have no training image: "
-            f"{_shown(f'{i} ({names[i]})' for i in empty)}. The class-name file ({source.classnames}, "
-            f"{num_classes} classes) and the train list must describe the same classes.")
+    counts = _check_every_class_trained(entries["train"], num_classes, names, source)  # after skips
 
     manifest = pd.DataFrame(
         [(split, rel, " ".join(str(x) for x in labels)) for split in SPLITS for rel, labels in entries[split]],
@@ -169,7 +165,22 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
     return Prepared(source.name, source.multilabel, Path(source.root), manifest, classes, report)
 
 
-def _check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> None:
+def _check_every_class_trained(train: List[Entry], num_classes: int, names: List[str],
+                               source: DatasetSource) -> np.ndarray:
+    counts = _class_counts(train, num_classes)
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        raise DataError(
+            f"{len(empty)} class(es) of {source.name!r} have no training image: "
+            f"{_shown(f'{i} ({names[i]})' for i in empty)}. The class-name file ({source.classnames}, "
+            f"{num_classes} classes) and the train list must describe the same classes.")
+    return counts
+
+
+def _check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> Dict[str, List[Entry]]:
+    """Refuse paths leaving the root (as written in the list); return the entries with
+    normalised paths, so `./a.jpg` and `a.jpg` are one image to the duplicate and leakage checks."""
+    normalised = {}
     for split, items in entries.items():
         escaping = [rel for rel, _ in items
                     if os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/")]
@@ -177,6 +188,7 @@ def _check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> None
             raise DataError(
                 f"{source.lists[split]}: {len(escaping)} path(s) leave the dataset root ({_shown(escaping)}). "
                 "List paths must be relative to `root` and stay inside it.")
+        items = [(posixpath.normpath(rel.replace("\\", "/")), labels) for rel, labels in items]
         seen, dupes = set(), []
         for rel, _ in items:
             if rel in seen:
@@ -185,6 +197,8 @@ def _check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> None
         if dupes:
             raise DataError(f"{source.lists[split]}: {len(dupes)} path(s) listed twice ({_shown(dupes)}). "
                             "Remove the duplicate lines.")
+        normalised[split] = items
+    return normalised
 
 
 def _check_labels(entries: Dict[str, List[Entry]], num_classes: int, source: DatasetSource) -> None:

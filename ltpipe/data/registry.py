@@ -15,7 +15,7 @@ from ltpipe.config import Params
 from ltpipe.data import cifar, synthetic
 from ltpipe.data.formats import NAMES_FORMATS
 from ltpipe.data.manifest import DatasetSource, optional_path, relative_to_cwd
-from ltpipe.errors import ConfigError
+from ltpipe.errors import ConfigError, DataError
 from ltpipe.registry import Registry
 
 DatasetFactory = Callable[[str, Params, Path], DatasetSource]
@@ -55,6 +55,11 @@ def _root(name: str, section: Params) -> Path:
 def _listed(name: str, section: Params, multilabel: bool, names_format: str,
             expected_classes: Optional[int]) -> DatasetSource:
     root = _root(name, section)
+    if not root.is_dir():
+        # Checked first: a missing root would otherwise surface as a missing list or class-name file.
+        problem = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"`datasets.{name}.root` is {str(root)!r}, which {problem}. Point it at the folder that "
+                        "holds the dataset (its images, and its list files when they are relative).")
     lists = {}
     for split in ("train", "val", "test"):
         value = section.optional_str(f"{split}_list")

@@ -95,8 +95,10 @@ class ImageFiles(Dataset):
             with Image.open(path) as image:
                 if self.draft_size and image.format == "JPEG":
                     image.draft("RGB", (self.draft_size, self.draft_size))
+                if image.mode == "P" and "transparency" in image.info:
+                    image = image.convert("RGBA")  # the same colours, without Pillow's warning per image
                 return image.convert("RGB"), ""
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             if self.skip_bad:
                 return Image.new("RGB", (32, 32)), f"{type(exc).__name__}: {exc}"
             raise DataError(
