@@ -387,3 +387,16 @@ def test_extract_skip(lab, kind, tmp_path):
     assert report["skipped_images"] == 0 and got.skipped_paths == [] and errors == [] and skipped_attr == 0
     assert got.paths == _expected_train(rel)
     _assert_same_features(got, lab.features(f"ref_{kind}"))
+
+
+@pytest.mark.parametrize("kind", ["decompression_bomb"])
+def test_decompression_bomb_is_a_bad_image(tmp_path, monkeypatch, kind):
+    """Over Pillow's error limit (2 x MAX_IMAGE_PIXELS, 179 Mpixels by default; lowered here so a
+    small file trips it), Pillow raises DecompressionBombError, which is neither OSError nor
+    ValueError: it must still fail naming the file (default), or be skipped."""
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"bomb\.png.*decompression bomb.*on_bad_image: skip"):
+        extract.ImageFiles(tmp_path, ["bomb.png"], None).load(0)
+    placeholder, error = extract.ImageFiles(tmp_path, ["bomb.png"], None, skip_bad=True).load(0)
+    assert "DecompressionBombError" in error and placeholder.size == (32, 32)
