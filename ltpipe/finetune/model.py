@@ -122,11 +122,8 @@ def freeze_unreached(visual: nn.Module, output: str, token_layer: str) -> List[s
     return frozen
 
 
-def build_model(clip_model: nn.Module, tokenizer, mode: Mode, head_name: str, head_section: Optional[Params],
-                class_prompts: Sequence[str], token_layer: str, templates: str, device: torch.device,
-                precision: str) -> FinetuneModel:
-    """The model ``mode`` fine-tunes: frozen text tower, encoder parameters set by the mode,
-    the head built as the cached path builds it (from this encoder's shapes and class text)."""
+def check_head(mode: Mode, head_name: str) -> None:
+    """Refuse a head the mode cannot train, before any model is loaded."""
     heads.HEADS.get(head_name)
     if head_name in NO_GRADIENT_HEADS:
         raise ConfigError(f"head {head_name!r} is fitted in one pass on cached features and has no gradient to "
@@ -134,6 +131,14 @@ def build_model(clip_model: nn.Module, tokenizer, mode: Mode, head_name: str, he
     if mode.text_prompts and head_name != "zeroshot":
         raise ConfigError(f"fine-tuning mode {mode.name!r} learns the text prompts of the zero-shot head; "
                           f"set `head: zeroshot` (now {head_name!r}).")
+
+
+def build_model(clip_model: nn.Module, tokenizer, mode: Mode, head_name: str, head_section: Optional[Params],
+                class_prompts: Sequence[str], token_layer: str, templates: str, device: torch.device,
+                precision: str) -> FinetuneModel:
+    """The model ``mode`` fine-tunes: frozen text tower, encoder parameters set by the mode,
+    the head built as the cached path builds it (from this encoder's shapes and class text)."""
+    check_head(mode, head_name)
     clip_model.requires_grad_(False)
     visual = clip_model.visual
     prompts = mode.apply(visual)

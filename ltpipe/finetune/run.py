@@ -103,6 +103,7 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     task = "multi" if check_task(params, prepared) else "single"
     choice = validate_choice(params.str("head"), params.str("loss"), params.str("sampler"), None,
                              params.int("seed", minimum=0), task)
+    ft_model.check_head(mode, choice.head)
     token_layer = params.str("extract.token_layer")
     templates = params.str("extract.templates")
     weights = models.ResolvedWeights.load(paths.WEIGHTS_JSON)
