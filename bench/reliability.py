@@ -4,9 +4,9 @@ Each test there is parametrized by the fault it injects (the id in brackets); a 
 counts as handled when its test passes. Rows: bad images by kind (each tried through
 prepare and extract, failing by default and skipped with ``on_bad_image: skip``), bad
 lists and params by case (refused before any expensive work, the message naming the
-problem and the fix).
+problem and the fix), determinism by head, kills, safe loading.
 
-Run: .venv/bin/python bench/reliability.py   (about 1 minute on 2 cores)
+Run: .venv/bin/python bench/reliability.py   (about 2 minutes on 2 cores)
 """
 
 import collections
@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {  # test module -> the table's category and what "handled" means there
     "test_bad_images": "bad images (fail by default, recorded skip), by kind",
     "test_bad_inputs": "bad lists and params (refused before work, problem and fix named), by case",
+    "test_determinism": "determinism: same seed, identical metrics JSON; another seed, another run (by head)",
+    "test_kills": "kills: extraction SIGKILLed at 5 points and resumed, byte-identical, never an incomplete file",
+    "test_safe_loading": "safe loading: no code runs from a file, damaged files named",
 }
 
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from ltpipe.errors import ConfigError
+from ltpipe.errors import ConfigError, DataError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -45,6 +45,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def load_tensors(path, what: str, mmap: bool = False):
+    """``torch.load`` of a file ltpipe wrote: tensors and plain values only (``weights_only=True``),
+    so loading never runs code from the file. Anything else is refused with the fix."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path} ({what}) holds Python objects, not only tensors and plain values; ltpipe never "
+                        f"unpickles code ({' '.join(str(exc).split())[:160]}). Delete it and re-run the stage "
+                        "that writes it.") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+        raise DataError(f"{path} ({what}) is damaged and cannot be read ({reason}). Delete it and re-run the "
+                        "stage that writes it.") from None
 
 
 def data_loader_kwargs(device: torch.device, workers: int) -> dict:

@@ -18,6 +18,7 @@ from ltpipe.features.extract import TokenTap, class_text_embeddings
 from ltpipe.finetune.modes import Mode, is_vit
 from ltpipe.finetune.modes import rebuild as rebuild_mode
 from ltpipe.paths import atomic_target
+from ltpipe.runtime import load_tensors
 
 NO_GRADIENT_HEADS = ("knn", "ncm")  # fitted in one pass on features: nothing to back-propagate into
 CHECKPOINT_FORMAT = "ltpipe-finetune-1"
@@ -184,7 +185,7 @@ def load_finetuned(path: Path, clip_model: nn.Module, weights_sha256: str) -> Fi
     path = Path(path)
     if not path.is_file():
         raise DataError(f"fine-tuned model {path} not found. Run `dvc repro finetune`.")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = load_tensors(path, "a fine-tuned model")
     if saved.get("format") != CHECKPOINT_FORMAT:
         raise DataError(f"{path} is not an ltpipe fine-tuned model (format {saved.get('format')!r}).")
     if saved["weights_sha256"] != weights_sha256:

@@ -27,7 +27,7 @@ from ltpipe.features.extract import ImageFiles, Workers, distributed_workers, pr
 from ltpipe.finetune import model as ft_model
 from ltpipe.finetune import modes
 from ltpipe.finetune.train import FinetuneConfig, finetune
-from ltpipe.runtime import autocast, data_loader_kwargs, resolve_precision, seed_everything
+from ltpipe.runtime import autocast, data_loader_kwargs, load_tensors, resolve_precision, seed_everything
 from ltpipe.samplers import SAMPLERS
 from ltpipe.training import class_counts, match_head_to_loss, validate_choice
 
@@ -174,7 +174,7 @@ def _saved_step(path: Path) -> int:
     if not path.is_file():
         return 0
     # mmap: only the step is read, not the optimiser state of a large encoder
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    return int(load_tensors(path, "a fine-tuning resume state", mmap=True)["step"])
 
 
 class _no_logger:

@@ -45,7 +45,7 @@ from ltpipe.config import Params
 from ltpipe.errors import ConfigError, TrainingError
 from ltpipe.features.extract import AugmentedViews, ImageFiles, Workers
 from ltpipe.paths import atomic_target
-from ltpipe.runtime import autocast, data_loader_kwargs
+from ltpipe.runtime import autocast, data_loader_kwargs, load_tensors
 from ltpipe.samplers import class_members
 from ltpipe.training import OPTIMIZERS, warmup_cosine
 
@@ -204,7 +204,7 @@ class ResumeState:
         """Restore the last save, if any; return the step to continue from."""
         if not self.path.is_file():
             return 0
-        saved = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        saved = load_tensors(self.path, "a fine-tuning resume state", mmap=True)
         self.saved = {k: saved.get(k) for k in ("loss", "val_score")}
         model.load_tuned_state(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])

@@ -16,6 +16,7 @@ from ltpipe.config import Params
 from ltpipe.errors import DataError
 from ltpipe.paths import atomic_target
 from ltpipe.registry import Registry
+from ltpipe.runtime import load_tensors
 
 HEADS: Registry = Registry("head", "head")
 
@@ -54,7 +55,7 @@ def load_checkpoint(path: Path) -> Tuple[torch.nn.Module, Dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"trained head {path} not found. Run `dvc repro train`.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensors(path, "a trained head")
     head = rebuild(checkpoint["head"], checkpoint["kwargs"])
     if checkpoint.get("stage2", "none") != "none":
         from ltpipe import stage2  # stage-2 methods wrap heads; imported late to avoid a cycle
