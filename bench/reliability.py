@@ -4,9 +4,9 @@ Each test there is parametrized by the fault it injects (the id in brackets); a 
 counts as handled when its test passes. Rows: bad images by kind (each tried through
 prepare and extract, failing by default and skipped with ``on_bad_image: skip``), bad
 lists and params by case (refused before any expensive work, the message naming the
-problem and the fix), determinism by head, kills, safe loading.
+problem and the fix), determinism by head, kills, safe loading, concurrency.
 
-Run: .venv/bin/python bench/reliability.py   (about 2 minutes on 2 cores)
+Run: .venv/bin/python bench/reliability.py   (about 3 minutes on 2 cores)
 """
 
 import collections
@@ -24,6 +24,7 @@ CATEGORIES = {  # test module -> the table's category and what "handled" means t
     "test_determinism": "determinism: same seed, identical metrics JSON; another seed, another run (by head)",
     "test_kills": "kills: extraction SIGKILLed at 5 points and resumed, byte-identical, never an incomplete file",
     "test_safe_loading": "safe loading: no code runs from a file, damaged files named",
+    "test_concurrency": "concurrency: two queued experiments with `dvc queue start -j 2`, correct and distinct",
 }
 
 
