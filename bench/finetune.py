@@ -85,15 +85,12 @@ def one_mode(mode_name: str, work: Path) -> dict:
     val_labels = prepared.label_array("val")
     cfg = FinetuneConfig(epochs=1, batch_size=BATCH, micro_batch=BATCH, workers=2, warmup_epochs=0,
                          checkpoint_every=10**9)
-    visual = model.encoder.visual
-    norm = {"size": ft_model.image_size(visual), "mean": visual.preprocess_cfg["mean"],
-            "std": visual.preprocess_cfg["std"]}
 
     def validate(m):
         logits = predict_images(m, val, BATCH, device, precision, Workers(), 2)
         return metrics.selection_score(logits, val_labels, False)
 
-    summary = finetune(model, loss_fn, SAMPLERS.get("instance"), files, labels, prepared.num_classes, norm, cfg, 0,
+    summary = finetune(model, loss_fn, SAMPLERS.get("instance"), files, labels, prepared.num_classes, cfg, 0,
                        device, precision, Workers(), work / f"state-{mode_name}", validate=validate)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
     return {"mode": mode_name, "device": str(device), "trainable": sum(p.numel() for p in model.parameters()

@@ -51,15 +51,19 @@ def check_features(features: SplitFeatures, prepared: manifest.Prepared,
     if made_by and made_by != current.get("sha256"):
         raise DataError(
             f"{features.path} holds features made by another model ({cache_id(features)}) than the one the "
-            f"params name now ({current.get('arch')}/{current.get('pretrained') or 'random-init'}/"
-            f"{str(current.get('sha256'))[:12]}). Re-run `dvc repro extract`.")
+            f"params name now ({model_id(current.get('arch'), current.get('pretrained'), current.get('sha256'))}). "
+            "Re-run `dvc repro extract`.")
+
+
+def model_id(arch, pretrained, sha256) -> str:
+    """``arch/pretrained/sha256[:12]``: which weights, in the metrics JSON and in messages."""
+    return f"{arch}/{pretrained or 'random-init'}/{str(sha256)[:12]}"
 
 
 def cache_id(features: SplitFeatures) -> str:
-    """``arch/pretrained/sha256[:12]`` of the weights that made the cached features."""
+    """The :func:`model_id` of the weights that made the cached features."""
     attrs = features.attrs
-    pretrained = str(attrs.get("pretrained") or "random-init")
-    return f"{attrs.get('arch')}/{pretrained}/{str(attrs.get('weights_sha256'))[:12]}"
+    return model_id(attrs.get("arch"), attrs.get("pretrained"), attrs.get("weights_sha256"))
 
 
 def warn_skipped(features: SplitFeatures) -> None:

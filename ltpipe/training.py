@@ -64,11 +64,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_optimizer(groups: List[Dict], name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """``adamw``, or ``sgd`` with Nesterov momentum (plain SGD at momentum 0, which Nesterov needs above 0)."""
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return build_optimizer(param_groups(model, cfg.weight_decay), cfg.optimizer, cfg.lr, cfg.momentum)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):

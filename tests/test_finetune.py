@@ -63,10 +63,7 @@ def train_steps(model, prepared, steps: int, work_dir, precision: str = "fp32"):
     labels = prepared.label_array("train")
     loss_fn = losses.build("ce", "single", None, class_counts(labels, prepared.num_classes), len(labels))
     files = ImageFiles(prepared.root, prepared.split("train")["path"].tolist(), None)
-    visual = model.encoder.visual
-    norm = {"size": ft_model.image_size(visual), "mean": visual.preprocess_cfg["mean"],
-            "std": visual.preprocess_cfg["std"]}
-    return finetune(model, loss_fn, SAMPLERS.get("instance"), files, labels, prepared.num_classes, norm, cfg, 0,
+    return finetune(model, loss_fn, SAMPLERS.get("instance"), files, labels, prepared.num_classes, cfg, 0,
                     torch.device("cpu"), precision, Workers(), work_dir)
 
 
@@ -370,10 +367,8 @@ def test_multilabel_fine_tuning_trains_with_a_class_balanced_sampler(inside, tmp
 
     before = training_loss()
     files = ImageFiles(prepared.root, prepared.split("train")["path"].tolist(), None)
-    visual = model.encoder.visual
-    norm = {"size": 64, "mean": visual.preprocess_cfg["mean"], "std": visual.preprocess_cfg["std"]}
     cfg = FinetuneConfig(**dict(FINETUNE, iterations=30, lr=1e-4))  # Adam's first full steps overshoot: give it 30
-    summary = finetune(model, loss_fn, SAMPLERS.get("class_balanced"), files, labels, prepared.num_classes, norm,
+    summary = finetune(model, loss_fn, SAMPLERS.get("class_balanced"), files, labels, prepared.num_classes,
                        cfg, 0, torch.device("cpu"), "fp32", Workers(), tmp_path / "work",
                        validate=lambda m: 0.5)
     assert np.isfinite(summary["final_loss"]) and summary["val_score"] == 0.5

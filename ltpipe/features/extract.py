@@ -149,6 +149,13 @@ class AugmentedViews(Dataset):
         self.std = list(std)
         self.seed = seed
 
+    @classmethod
+    def for_encoder(cls, files: ImageFiles, views: int, visual, seed: int, min_scale: float) -> "AugmentedViews":
+        """Views at ``visual``'s input size and normalisation."""
+        cfg = getattr(visual, "preprocess_cfg", {}) or {}
+        return cls(files, views, input_size(visual), cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3), seed,
+                   min_scale)
+
     def __len__(self) -> int:
         return len(self.files) * self.views
 
@@ -330,23 +337,23 @@ def extract_rows(model, dataset: Dataset, name: str, root: Path, paths: List[str
             "skipped_images": len(skipped), "skipped": skipped[:20]}
 
 
-def _draft_size(model, options: ExtractOptions) -> Optional[int]:
-    if not options.draft:
-        return None
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+def input_size(visual) -> int:
+    """The side of the square images an open_clip image tower takes."""
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
     return int(np.atleast_1d(cfg.get("size", 224))[0])
+
+
+def _draft_size(model, options: ExtractOptions) -> Optional[int]:
+    return input_size(model.visual) if options.draft else None
 
 
 def extract_views(model, prepared: Prepared, out_path: Path, options: ExtractOptions, device: torch.device,
                   precision: str, base_attrs: Dict, work_root: Path, workers: Workers = Workers()) -> Dict:
     """``options.views`` augmented views of every training image, as rows ``i * K + v``."""
-    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-    size = int(np.atleast_1d(cfg.get("size", 224))[0])
     rows = prepared.split("train")
     paths: List[str] = rows["path"].tolist()
     files = ImageFiles(prepared.root, paths, None, _draft_size(model, options), options.on_bad_image == "skip")
-    views = AugmentedViews(files, options.views, size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3),
-                           options.view_seed, options.view_min_scale)
+    views = AugmentedViews.for_encoder(files, options.views, model.visual, options.view_seed, options.view_min_scale)
     k = options.views
     return extract_rows(model, views, "train_views", prepared.root, [p for p in paths for _ in range(k)],
                         np.repeat(prepared.label_array("train"), k, axis=0), out_path, options, device, precision,

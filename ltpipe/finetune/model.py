@@ -14,7 +14,7 @@ from torch import nn
 from ltpipe import heads
 from ltpipe.config import Params
 from ltpipe.errors import ConfigError, DataError, WeightsError
-from ltpipe.features.extract import TokenTap, class_text_embeddings
+from ltpipe.features.extract import TokenTap, class_text_embeddings, input_size
 from ltpipe.finetune.modes import Mode, is_vit
 from ltpipe.finetune.modes import rebuild as rebuild_mode
 from ltpipe.paths import atomic_target
@@ -88,12 +88,6 @@ class FinetuneModel(nn.Module):
                             "Delete it and re-run.")
 
 
-def image_size(visual: nn.Module) -> int:
-    cfg = getattr(visual, "preprocess_cfg", {}) or {}
-    size = cfg.get("size", getattr(visual, "image_size", 224))
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
-
-
 @torch.no_grad()
 def probe_shapes(visual: nn.Module, token_layer: str):
     """``(pooled width, token grid shape)`` from one forward pass on a blank image."""
@@ -102,7 +96,7 @@ def probe_shapes(visual: nn.Module, token_layer: str):
     try:
         visual.eval()
         device = next(visual.parameters()).device
-        pooled = visual(torch.zeros(1, 3, image_size(visual), image_size(visual), device=device))
+        pooled = visual(torch.zeros(1, 3, input_size(visual), input_size(visual), device=device))
         return pooled.shape[-1], tuple(tap.tokens.shape[1:])
     finally:
         tap.remove()

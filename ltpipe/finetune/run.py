@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Subset
 from ltpipe import losses, metrics, paths
 from ltpipe.config import Params
 from ltpipe.data import manifest
-from ltpipe.evaluation import check_task, write_metrics
+from ltpipe.evaluation import check_task, model_id, write_metrics
 from ltpipe.features import models
-from ltpipe.features.extract import ImageFiles, Workers, distributed_workers, preprocess_attrs
+from ltpipe.features.extract import ImageFiles, Workers, distributed_workers
 from ltpipe.finetune import model as ft_model
 from ltpipe.finetune import modes
 from ltpipe.finetune.train import FinetuneConfig, finetune
@@ -135,8 +135,6 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
         logits = predict_images(m, val_images, cfg.micro_batch, device, precision, workers, cfg.workers)
         return None if logits is None else metrics.selection_score(logits, val_labels, prepared.multilabel)
 
-    norm = preprocess_attrs(model.encoder.visual.preprocess_cfg)
-    image_norm = {"size": ft_model.image_size(model.encoder.visual), "mean": norm["mean"], "std": norm["std"]}
     work_dir = paths.PARTIAL_DIR / f"finetune-{mode_name}-{fingerprint(params, mode_name, weights)}"
     log_dir = paths.FINETUNE_METRICS_DIR / f"{mode_name}_log"
     resume_step = _saved_step(work_dir / "state.pt")
@@ -146,14 +144,14 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     logger_cm = make_logger(log_dir, resume_step) if (make_logger and workers.rank == 0) else _no_logger()
     with logger_cm as log_step:
         summary = finetune(model, loss_fn, SAMPLERS.get(choice.sampler), images("train", None), labels,
-                           prepared.num_classes, image_norm, cfg, choice.seed, device, precision, workers, work_dir,
+                           prepared.num_classes, cfg, choice.seed, device, precision, workers, work_dir,
                            log_step, validate)
     test_logits = predict_images(model, images("test", preprocess), cfg.micro_batch, device, precision, workers,
                                  cfg.workers)
     if workers.rank == 0:
         run = dict(choice.identity(), mode=mode_name, posthoc="none", posthoc_tau=None)
         ft_model.save_finetuned(paths.FINETUNE_DIR / f"{mode_name}.pt", model, mode, choice.head, weights.sha256, run)
-        cache = f"{weights.arch}/{weights.pretrained or 'random-init'}/{weights.sha256[:12]}"
+        cache = model_id(weights.arch, weights.pretrained, weights.sha256)
         fields = dict(dataset=prepared.name, task=prepared.task, **run, features=f"{cache}+finetune")
         result = write_metrics(test_logits, prepared.label_array("test"), prepared, fields, mode_name,
                                paths.FINETUNE_METRICS_DIR)

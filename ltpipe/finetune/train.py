@@ -47,7 +47,7 @@ from ltpipe.features.extract import AugmentedViews, ImageFiles, Workers
 from ltpipe.paths import atomic_target
 from ltpipe.runtime import autocast, data_loader_kwargs, load_tensors
 from ltpipe.samplers import class_members
-from ltpipe.training import OPTIMIZERS, warmup_cosine
+from ltpipe.training import OPTIMIZERS, build_optimizer, warmup_cosine
 
 # Embeddings and learned prompt vectors are exempt from weight decay, as are biases and norms.
 NO_DECAY = ("positional_embedding", "class_embedding", "prompts.tokens", "head.context")
@@ -120,10 +120,7 @@ def param_groups(model: nn.Module, cfg: FinetuneConfig) -> List[Dict]:
 
 
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return build_optimizer(param_groups(model, cfg), cfg.optimizer, cfg.lr, cfg.momentum)
 
 
 class ShadowEMA:
@@ -247,12 +244,12 @@ class Plan:
 
 
 def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, labels: np.ndarray, num_classes: int,
-             image_norm: Dict, cfg: FinetuneConfig, seed: int, device: torch.device, precision: str,
+             cfg: FinetuneConfig, seed: int, device: torch.device, precision: str,
              workers: Workers, work_dir: Path, log_step: Optional[Callable[[Dict], None]] = None,
              validate: Optional[Callable[[nn.Module], float]] = None) -> Dict:
     """Fine-tune ``model`` (a :class:`ltpipe.finetune.model.FinetuneModel`) in place; return a summary.
 
-    ``image_norm`` holds the encoder's input ``size``, ``mean`` and ``std``. ``validate(model)``,
+    Training images are augmented at the encoder's input size and normalisation. ``validate(model)``,
     when given, scores the model on the validation split at the end of every epoch.
     """
     plan = Plan.make(len(labels), cfg, workers.world)
@@ -261,8 +258,7 @@ def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, la
               "rate never reaches `finetune.train.lr` nor decays.")
     members = class_members(labels, num_classes)
     target = torch.from_numpy(labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64))
-    views = AugmentedViews(files, plan.epochs, image_norm["size"], image_norm["mean"], image_norm["std"], seed,
-                           cfg.min_scale)
+    views = AugmentedViews.for_encoder(files, plan.epochs, model.encoder.visual, seed, cfg.min_scale)
     loss_fn.to(device)
     optimizer = make_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan.total_steps, plan.warmup_steps))
