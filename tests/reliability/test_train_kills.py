@@ -1,0 +1,113 @@
+"""Reliability (issue 9): training SIGKILLed mid-epoch, then `dvc repro` again.
+
+The train stage keeps no checkpoint (it takes seconds to minutes on cached features), so
+recovery is DVC's job: a killed stage leaves no `dvc.lock` entry, the next `dvc repro`
+runs it again from scratch, and the result must equal an uninterrupted run's: the same
+model bytes, the same training summary and the same `metrics/eval.json`.
+
+Two ways to die: only the stage's Python process is killed (DVC sees it fail and exits),
+or the whole process group, `dvc repro` included (a crashed terminal or an OOM-killer
+taking everything; DVC's own locks are left behind by a dead process).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import psutil  # a dependency of dvc
+import pytest
+import yaml
+
+from tests import dvc_repo
+
+pytestmark = pytest.mark.slow
+# The decoder head on the token grid, 12 epochs of about half a second each on 2 cores: a
+# kill once two epochs are logged lands inside a later one.
+EPOCHS = 12
+OVERRIDES = dict(dvc_repo.SMALL, train=dict(epochs=EPOCHS))
+LOSS_LOG = "metrics/train/plots/metrics/train/loss.tsv"
+
+
+def epochs_logged(repo) -> int:
+    try:
+        return max(0, len((repo / LOSS_LOG).read_text().splitlines()) - 1)  # less the header
+    except FileNotFoundError:
+        return 0
+
+
+def outcome(repo) -> dict:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    model = {out["path"]: out["md5"] for out in lock["train"]["outs"] if out["path"] == "data/models"}
+    return {"model": model,
+            "train_summary": json.loads((repo / "metrics/train/metrics.json").read_text()),
+            "eval": json.loads((repo / "metrics/eval.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """A project whose features are extracted and committed: each run below starts at `train`."""
+    repo = dvc_repo.make(tmp_path_factory.mktemp("train_kills") / "base", OVERRIDES)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["head"] = "decoder"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc_repo.run(repo, "dvc", "repro", "extract")
+    dvc_repo.run(repo, "git", "add", "-A")
+    dvc_repo.run(repo, "git", "commit", "-qm", "features")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(extracted, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("train_kills") / "reference"
+    shutil.copytree(extracted, repo, symlinks=True)
+    dvc_repo.run(repo, "dvc", "repro", "evaluate")
+    return outcome(repo)
+
+
+def kill_stage_process(process):
+    """Only the train stage's Python process: `dvc repro` lives on, sees it fail and exits."""
+    for child in psutil.Process(process.pid).children(recursive=True):
+        if "stages.train" in " ".join(child.cmdline()):
+            child.send_signal(signal.SIGKILL)
+            return
+    raise AssertionError("the train stage's process was not found")
+
+
+def kill_process_group(process):
+    """`dvc repro` and everything it started, at once."""
+    os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kill", [pytest.param(kill_stage_process, id="train_stage_sigkill"),
+                                  pytest.param(kill_process_group, id="dvc_repro_group_sigkill")])
+def test_training_killed_mid_epoch_reruns_to_the_same_metrics(extracted, uninterrupted, tmp_path, kill):
+    repo = tmp_path / "killed"
+    shutil.copytree(extracted, repo, symlinks=True)
+    process = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=repo, env=dvc_repo.env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while epochs_logged(repo) < 2:
+            assert process.poll() is None, "the pipeline ended before the kill"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        kill(process)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    killed_at = epochs_logged(repo)
+    assert 2 <= killed_at < EPOCHS, f"killed after {killed_at} epochs: not mid-training"
+    print(f"{kill.__name__}: killed after {killed_at} of {EPOCHS} epochs")
+    assert "train" not in yaml.safe_load((repo / "dvc.lock").read_text())["stages"], \
+        "a killed stage must not be recorded as done"
+    assert not (repo / "metrics/eval.json").exists()
+
+    rerun = dvc_repo.run(repo, "dvc", "repro", "evaluate")
+    assert dvc_repo.stages_run(rerun.stdout) == ["train", "evaluate"], rerun.stdout
+    assert outcome(repo) == uninterrupted
+    assert epochs_logged(repo) == EPOCHS, "the re-run's log starts afresh, with no rows left from the killed run"
+    assert "up to date" in dvc_repo.run(repo, "dvc", "status", "evaluate").stdout.lower()
