@@ -22,7 +22,7 @@ CATEGORIES = {  # test module -> the table's category and what "handled" means t
     "test_bad_images": "bad images (fail by default, recorded skip), by kind",
     "test_bad_inputs": "bad lists and params (refused before work, problem and fix named), by case",
     "test_determinism": "determinism: same seed, identical metrics JSON; another seed, another run (by head)",
-    "test_extract_kills": "kills: extraction SIGKILLed at 5 points and resumed, byte-identical, never an incomplete file",
+    "test_extract_kills": "kills: extraction SIGKILLed at 5 points, resumed byte-identical, never an incomplete file",
     "test_train_kills": "kills: training SIGKILLed mid-epoch, `dvc repro` again equals an uninterrupted run",
     "test_safe_loading": "safe loading: no code runs from a file, damaged files named",
     "test_concurrency": "concurrency: two queued experiments with `dvc queue start -j 2`, correct and distinct",
