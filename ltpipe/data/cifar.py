@@ -6,12 +6,11 @@ seeding numpy's global RNG with 0 and, for each class in label order, shuffling
 its indices and keeping the first ``n_c``. We use a ``RandomState(seed)`` consumed
 in the same order, which draws the same permutations. The test set stays balanced.
 
-The archives are Python pickles. They are read with an unpickler that only
-rebuilds numpy arrays and plain containers, so a tampered archive cannot run code.
+The archives are Python pickles. They are read with the allow-list unpickler of
+:mod:`ltpipe.data.pickles`, which only rebuilds numpy arrays and plain containers,
+so a tampered archive cannot run code.
 """
 
-import importlib
-import io
 import pickle
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -19,6 +18,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image
 
+from ltpipe.data.pickles import restricted_loads
 from ltpipe.errors import DataError
 
 ARCHIVES = {
@@ -27,19 +27,6 @@ ARCHIVES = {
     100: {"folder": "cifar-100-python", "train": ["train"], "test": ["test"],
           "meta": "meta", "names_key": b"fine_label_names", "labels_key": b"fine_labels"},
 }
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
-}
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR archive")
-        return getattr(importlib.import_module(module), name)
 
 
 def safe_unpickle(path: Path) -> dict:
@@ -48,7 +35,7 @@ def safe_unpickle(path: Path) -> dict:
     except OSError as exc:
         raise DataError(f"cannot read CIFAR archive file {path}: {exc}") from None
     try:
-        return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+        return restricted_loads(data, encoding="bytes")
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise DataError(f"{path} is not a CIFAR python archive file ({exc}). Download the 'python version' "
                         "archive from the CIFAR page and extract it under the dataset root.") from None

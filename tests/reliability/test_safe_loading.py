@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ltpipe.config import _NoAnchorLoader
-from ltpipe.data import cifar
+from ltpipe.data import cifar, pickles
 from ltpipe.errors import DataError
 from ltpipe.heads import load_checkpoint
 from tests.conftest import REPO
@@ -45,7 +45,7 @@ def _lines(pattern: str):
 
 
 @pytest.mark.parametrize("kind", ["pickled_code_in_checkpoint", "damaged_checkpoint", "pickled_code_in_cifar_archive",
-                                  "source_audit"])
+                                  "pickled_code_in_published_pkl", "source_audit"])
 def test_safe_loading(kind, tmp_path):
     if kind == "pickled_code_in_checkpoint":
         marker = tmp_path / "ran.txt"
@@ -69,13 +69,22 @@ def test_safe_loading(kind, tmp_path):
         with pytest.raises(DataError, match=r"batches\.meta is not a CIFAR python archive.*refusing to load"):
             cifar.load_archive(tmp_path, 10)
         assert not marker.exists(), "loading ran code from the archive"
+    elif kind == "pickled_code_in_published_pkl":
+        # A "class_freq.pkl" that is not what it says: the converter refuses it and writes nothing.
+        marker = tmp_path / "ran.txt"
+        source = tmp_path / "class_freq.pkl"
+        source.write_bytes(pickle.dumps({"class_freq": [3, 1], "extra": Payload(marker)}, protocol=2))
+        with pytest.raises(DataError, match=r"class_freq\.pkl asks to run \S+ when loaded.*nothing from it was run"):
+            pickles.convert(source, tmp_path / "class_freq.json")
+        assert not marker.exists(), "converting ran code from the file"
+        assert not list(tmp_path.glob("class_freq.json*"))
     else:
         unsafe_torch = [line for line in _lines(r"torch\.load\(") if "weights_only=True" not in line]
         assert not unsafe_torch, unsafe_torch
         assert not _lines(r"\bpickle\.(load|loads)\("), "pickle must not read data unrestricted"
         unpicklers = _lines(r"\bpickle\.Unpickler\b")
-        assert unpicklers == [line for line in unpicklers if line.startswith("ltpipe/data/cifar.py")], unpicklers
-        assert "def find_class" in (REPO / "ltpipe/data/cifar.py").read_text()  # the allow-list
+        assert len(unpicklers) == 1 and unpicklers[0].startswith("ltpipe/data/pickles.py"), unpicklers
+        assert "def find_class" in (REPO / "ltpipe/data/pickles.py").read_text()  # the allow-list
         assert not _lines(r"allow_pickle\s*=\s*True")
         assert not _lines(r"(?<![\w.])(eval|exec)\("), "nothing evaluates what it reads"
         yaml_loads = _lines(r"yaml\.(load|unsafe_load|full_load)\(")
