@@ -64,8 +64,9 @@ class Watcher(threading.Thread):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["extract_sigkill_x5"])
-def test_extraction_killed_at_five_points_resumes_to_the_same_bytes(tmp_path, tiny_weights, kind):
+@pytest.mark.parametrize("kind", ["extract_sigkill_at_5_points"])
+def test_extraction_killed_at_five_points_resumes_to_the_same_bytes(tmp_path, tiny_weights, kind, record_property):
+    record_property("faults", len(KILL_POINTS))  # bench/reliability.py counts each kill
     # ~1,600 training images in shards of 16, 240 val and 360 test: every kill point is a window of
     # at least half a second on 2 cores.
     prepared = build(make_source(tmp_path / "images", classes=6, max_per_class=400, imbalance=2,
