@@ -16,9 +16,10 @@ on a downloaded file runs whatever its author chose. The unpickler here resolves
 the names that rebuild numpy arrays, numpy scalars and sets, and refuses the rest
 before anything runs. Even those are not numpy's own functions but stand-ins that
 check their arguments (numpy's reconstructors and the C unpickler can be crashed or
-made to allocate gigabytes by a damaged stream; a fuzz test keeps it so). The converter turns such a file into JSON (arrays become nested
-lists, sets sorted lists, bytes text) so the pipeline and the user never need the
-pickle again:
+made to allocate gigabytes by a damaged stream; a fuzz test keeps it so).
+
+The converter turns such a file into JSON (arrays become nested lists, sets sorted
+lists, bytes text) so the pipeline and the user never need the pickle again:
 
     python -m ltpipe.data.pickles appendix/coco/longtail2017/class_freq.pkl class_split.pkl
 
