@@ -142,6 +142,16 @@ def test_structured_arrays_are_refused(tmp_path):
         pickles.convert(source, tmp_path / "odd.json")
 
 
+def test_a_pickle_cannot_rewrite_the_stand_ins():
+    # GLOBAL numpy.dtype (the stand-in class), then BUILD with slot state {"__init__": set}:
+    # the stock unpickler would setattr it on the class, for every later load in the process.
+    raw = (b"\x80\x02cnumpy\ndtype\nN}X\x08\x00\x00\x00__init__c__builtin__\nset\ns\x86b.")
+    init = pickles._DtypeSpec.__init__
+    with pytest.raises(pickle.UnpicklingError, match="sets the state of a type"):
+        pickles.restricted_loads(raw)
+    assert pickles._DtypeSpec.__init__ is init
+
+
 FUZZ = textwrap.dedent("""
     import pickle, random, sys
     from ltpipe.data.pickles import restricted_loads

@@ -191,7 +191,8 @@ ALLOWED_GLOBALS = frozenset(_STAND_INS)
 class _DataOnlyUnpickler(pickle._Unpickler):
     """The pure-Python unpickler: a damaged length cannot make it allocate more than the
     file holds (the C one sizes its memo table from an index in the stream, gigabytes for
-    one flipped byte), and only the stand-ins above resolve."""
+    one flipped byte), only the stand-ins above resolve, and only arrays and dtypes take
+    a state (so a pickle cannot rewrite the stand-ins themselves)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
@@ -213,6 +214,15 @@ class _DataOnlyUnpickler(pickle._Unpickler):
         self.append(bytearray(data))
 
     dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+
+    def _load_build(self):  # the stock one sets attributes on anything, the stand-ins' classes included
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if not isinstance(target, (_ArraySpec, _DtypeSpec)):
+            raise _Malformed(f"the pickle sets the state of a {type(target).__name__}; only arrays and dtypes have one")
+        target.__setstate__(state)
+
+    dispatch[pickle.BUILD[0]] = _load_build
 
 
 def _finish(value, done=None):
