@@ -6,7 +6,7 @@ prepare and extract, failing by default and skipped with ``on_bad_image: skip``)
 lists and params by case (refused before any expensive work, the message naming the
 problem and the fix), determinism by head, kills, safe loading, concurrency.
 
-Run: .venv/bin/python bench/reliability.py   (about 4 minutes on 2 cores)
+Run: .venv/bin/python bench/reliability.py   (about 5 minutes on 2 cores)
 """
 
 import collections

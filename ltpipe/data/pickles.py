@@ -39,7 +39,7 @@ import re
 import struct
 import sys
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -97,7 +97,7 @@ class _DtypeSpec:
         if not isinstance(state, tuple) or len(state) < 5 or any(x is not None for x in state[2:5]):
             raise _Malformed("only plain dtypes (no fields, no subarrays) are read")
         order = _text_arg(state[1])
-        if order not in "<>|=" or len(order) != 1:
+        if len(order) != 1 or order not in "<>|=":
             raise _Malformed(f"bad byte order {order!r}")
         self.order = order
 
@@ -150,17 +150,10 @@ def _scalar(spec, data):
     return _build_array(data, spec, (), "C")[()]
 
 
-def _frombuffer(data, spec, shape, order):
-    if order not in ("C", "F"):
-        raise _Malformed(f"bad array order {order!r}")
-    return _ArrayValue(_build_array(data, spec, shape, order))
-
-
-class _ArrayValue:
-    """Wraps an array built during loading, so that the final pass treats every array alike."""
-
-    def __init__(self, array):
-        self.array = array
+def _frombuffer(data, spec, shape, order):  # numpy uses it for buffers only, never object arrays
+    if order not in ("C", "F") or not isinstance(spec, _DtypeSpec) or spec.dtype().kind == "O":
+        raise _Malformed("bad protocol-5 array")
+    return _build_array(data, spec, shape, order)
 
 
 def _empty_bytes():  # how protocol-2 pickles written by Python 3 store b""
@@ -185,7 +178,6 @@ for _builtins in ("builtins", "__builtin__"):  # Python 3 and Python 2 names
 _STAND_INS["numpy", "ndarray"] = _NDARRAY
 _STAND_INS["numpy", "dtype"] = _DtypeSpec
 _STAND_INS["_codecs", "encode"] = _codecs_encode  # how protocol-2 pickles written by Python 3 store bytes
-ALLOWED_GLOBALS = frozenset(_STAND_INS)
 
 
 class _DataOnlyUnpickler(pickle._Unpickler):
@@ -230,7 +222,7 @@ def _finish(value, done=None):
     done = {} if done is None else done
     if id(value) in done:
         return done[id(value)]
-    if isinstance(value, (_ArraySpec, _ArrayValue)):
+    if isinstance(value, _ArraySpec):
         if value.array is None:
             raise _Malformed("an array that was never given its data")
         out = value.array
@@ -387,14 +379,14 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     parser.add_argument("files", nargs="+", type=Path, help=".pkl files to convert")
     parser.add_argument("--out-dir", type=Path, default=None, help="where to write NAME.json (default: beside each)")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    failed: List[str] = []
+    failed = False
     for path in args.files:
         out = output_path(path, args.out_dir)
         try:
             summary = convert(path, out)
         except DataError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            failed.append(str(path))
+            failed = True
             continue
         print(f"{path} -> {out}: " + ", ".join(f"{k}: {v}" for k, v in summary.items()))
     return 1 if failed else 0
