@@ -67,13 +67,44 @@ def uninterrupted(extracted, tmp_path_factory):
     return outcome(repo)
 
 
-def kill_stage_process(process):
-    """Only the train stage's Python process: `dvc repro` lives on, sees it fail and exits."""
+def stage_processes(process) -> list:
+    """The train stage's processes under `process`: DVC runs the command through `$SHELL -c`,
+    and dash (Debian's /bin/sh, what DVC uses when SHELL is unset) keeps itself as the parent
+    of `python -m stages.train` where bash would exec it."""
+    found = []
     for child in psutil.Process(process.pid).children(recursive=True):
-        if "stages.train" in " ".join(child.cmdline()):
-            child.send_signal(signal.SIGKILL)
+        try:
+            if "stages.train" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def kill_stage_process(process):
+    """Only the train stage's Python process: `dvc repro` lives on, sees it fail and exits.
+
+    The interpreter is the innermost match; killing the shell around it would orphan a
+    training that keeps writing into the workspace while the re-run below trains too."""
+    matches = stage_processes(process)
+    interpreters = [p for p in matches if not any(c in matches for c in p.children(recursive=True))]
+    assert interpreters, "the train stage's process was not found"
+    for interpreter in interpreters:
+        interpreter.send_signal(signal.SIGKILL)
+
+
+def assert_no_training_survives(repo):
+    deadline = time.monotonic() + 3  # SIGKILL is immediate; an orphan would run for many seconds
+    while True:
+        alive = []
+        for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+            if proc.info["cwd"] == str(repo) and "stages.train" in " ".join(proc.info["cmdline"] or []) \
+                    and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        if not alive:
             return
-    raise AssertionError("the train stage's process was not found")
+        assert time.monotonic() < deadline, f"training processes {alive} outlived the kill"
+        time.sleep(0.1)
 
 
 def kill_process_group(process):
@@ -86,7 +117,9 @@ def kill_process_group(process):
 def test_training_killed_mid_epoch_reruns_to_the_same_metrics(extracted, uninterrupted, tmp_path, kill):
     repo = tmp_path / "killed"
     shutil.copytree(extracted, repo, symlinks=True)
-    process = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=repo, env=dvc_repo.env(),
+    # /bin/sh, not the caller's SHELL: where it is dash, the stage runs under a shell that
+    # stays its parent, the layout a kill of "the stage" must see through.
+    process = subprocess.Popen(["dvc", "repro", "evaluate"], cwd=repo, env=dict(dvc_repo.env(), SHELL="/bin/sh"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
@@ -99,6 +132,7 @@ def test_training_killed_mid_epoch_reruns_to_the_same_metrics(extracted, uninter
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+    assert_no_training_survives(repo)
     killed_at = epochs_logged(repo)
     assert 2 <= killed_at < EPOCHS, f"killed after {killed_at} epochs: not mid-training"
     print(f"{kill.__name__}: killed after {killed_at} of {EPOCHS} epochs")
