@@ -84,10 +84,11 @@ def stage_processes(process) -> list:
 def kill_stage_process(process):
     """Only the train stage's Python process: `dvc repro` lives on, sees it fail and exits.
 
-    The interpreter is the innermost match; killing the shell around it would orphan a
-    training that keeps writing into the workspace while the re-run below trains too."""
-    matches = stage_processes(process)
-    interpreters = [p for p in matches if not any(c in matches for c in p.children(recursive=True))]
+    The interpreter is the outermost Python process among the matches (any worker it forked
+    is Python too); killing the shell around it would orphan a training that keeps writing
+    into the workspace while the re-run below trains too."""
+    pythons = [p for p in stage_processes(process) if p.name().startswith("python")]
+    interpreters = [p for p in pythons if p.ppid() not in {q.pid for q in pythons}]
     assert interpreters, "the train stage's process was not found"
     for interpreter in interpreters:
         interpreter.send_signal(signal.SIGKILL)
