@@ -67,6 +67,10 @@ def uninterrupted(extracted, tmp_path_factory):
     return outcome(repo)
 
 
+def runs_training(cmdline) -> bool:
+    return "stages.train" in " ".join(cmdline or [])
+
+
 def stage_processes(process) -> list:
     """The train stage's processes under `process`: DVC runs the command through `$SHELL -c`,
     and dash (Debian's /bin/sh, what DVC uses when SHELL is unset) keeps itself as the parent
@@ -74,7 +78,7 @@ def stage_processes(process) -> list:
     found = []
     for child in psutil.Process(process.pid).children(recursive=True):
         try:
-            if "stages.train" in " ".join(child.cmdline()):
+            if runs_training(child.cmdline()):
                 found.append(child)
         except psutil.NoSuchProcess:
             pass
@@ -99,7 +103,7 @@ def assert_no_training_survives(repo):
     while True:
         alive = []
         for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
-            if proc.info["cwd"] == str(repo) and "stages.train" in " ".join(proc.info["cmdline"] or []) \
+            if proc.info["cwd"] == str(repo) and runs_training(proc.info["cmdline"]) \
                     and proc.info["status"] != psutil.STATUS_ZOMBIE:
                 alive.append(proc.pid)
         if not alive:
