@@ -6,7 +6,12 @@ scripts print such errors without a traceback and exit with status 2.
 """
 
 import functools
+import os
+import signal
 import sys
+import threading
+import time
+from typing import Optional
 
 
 class LtpipeError(Exception):
@@ -29,6 +34,10 @@ class TrainingError(LtpipeError):
     """Training cannot go on (the loss diverged)."""
 
 
+class DiskFullError(LtpipeError):
+    """An output cannot be written: its filesystem is full (or over quota)."""
+
+
 def user_message(exc: BaseException) -> str:
     """The user-facing text of an error, without a DataLoader worker's traceback around it."""
     text = str(exc)
@@ -40,15 +49,123 @@ def user_message(exc: BaseException) -> str:
     return text
 
 
+# How often a stage looks whether the DVC process that started it is still there, and how long
+# it then gives its own clean-up (finally blocks, atomic writers, DataLoader workers) before it
+# exits regardless.
+DVC_WATCH_INTERVAL_S = 0.5
+STOP_GRACE_S = 10.0
+
+
+def _looks_like_dvc(process) -> bool:
+    try:
+        return any(os.path.basename(arg) == "dvc" for arg in process.cmdline()[:3])
+    except Exception:  # noqa: BLE001 - gone or not ours to read: not evidence of anything
+        return False
+
+
+def dvc_ancestor():
+    """The DVC process that runs this stage: ``(process, True)``; ``(None, False)`` when it is
+    already gone; ``None`` when no DVC process started this one (run directly, or under pytest).
+
+    DVC sets ``DVC_STAGE`` in the environment of every stage command it starts, and runs it
+    through ``$SHELL -c`` (dash stays the parent of Python; ``torchrun`` adds another level).
+    Every wrapper in between inherits the variable, so the nearest ancestor whose environment
+    lacks it (or holds another value) is the process that set it: ``dvc repro``, ``dvc exp
+    run``, or a queue worker's ``dvc exp exec-run``. When that ancestor turns out to be PID 1
+    (and not DVC itself, as in a container), the wrappers were re-parented: DVC is already gone.
+    """
+    marker = os.environ.get("DVC_STAGE")
+    if marker is None:
+        return None
+    import psutil  # a dependency of dvc, so present wherever DVC runs a stage
+
+    try:
+        process = psutil.Process().parent()
+        while process is not None:
+            try:
+                started_it = process.environ().get("DVC_STAGE") != marker
+            except psutil.AccessDenied:
+                started_it = True  # another user's process: not a wrapper of ours
+            if started_it:
+                if process.pid == 1 and not _looks_like_dvc(process):
+                    return None, False
+                return process, True
+            process = process.parent()
+    except psutil.NoSuchProcess:
+        return None, False  # a wrapper between DVC and this stage is already gone
+    return None
+
+
+def _is_alive(process) -> bool:
+    import psutil
+
+    try:
+        # is_running() compares the start time, so a recycled PID does not count; a zombie is dead.
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class DvcWatcher:
+    """Stops this stage when the DVC process that started it dies (SIGTERM or SIGKILL to
+    ``dvc`` alone): DVC does not pass the signal on, and an orphaned stage would go on writing
+    its outputs while the user's re-run removes and rewrites them ("Directory not empty").
+
+    Stopping is what Ctrl-C does: ``KeyboardInterrupt`` in the main thread, so ``finally``
+    blocks and atomic writers clean up and DataLoader workers are shut down; a stage that has
+    not ended ``STOP_GRACE_S`` later exits at once."""
+
+    def __init__(self, dvc_process, alive: bool):
+        self.dvc_pid = dvc_process.pid if dvc_process is not None else None
+        self.fired = threading.Event()
+        self._main = threading.main_thread().ident
+        self._dvc_process = dvc_process
+        self._alive = alive
+
+    @classmethod
+    def start_if_under_dvc(cls) -> "Optional[DvcWatcher]":
+        found = dvc_ancestor()
+        if found is None:
+            return None
+        watcher = cls(*found)
+        if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            # A stage started in the background by a script ignores SIGINT; the watcher stops it with one.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        threading.Thread(target=watcher._watch, name="ltpipe-dvc-watcher", daemon=True).start()
+        return watcher
+
+    def _watch(self) -> None:
+        while self._alive and _is_alive(self._dvc_process):
+            time.sleep(DVC_WATCH_INTERVAL_S)
+        which = f" (pid {self.dvc_pid})" if self.dvc_pid else ""
+        print(f"ltpipe error: the dvc process that started this stage{which} exited; stopping so a re-run "
+              "does not collide with this one.", file=sys.stderr, flush=True)
+        self.fired.set()
+        # A signal to the main thread, not _thread.interrupt_main(): it also breaks a blocking wait.
+        signal.pthread_kill(self._main, signal.SIGINT)
+        time.sleep(STOP_GRACE_S)
+        os._exit(STOPPED_STATUS)
+
+
+ERROR_STATUS = 2
+STOPPED_STATUS = 143  # as if the stage itself had received the SIGTERM sent to dvc
+
+
 def main_guard(func):
-    """Run a stage entry point; turn :class:`LtpipeError` into a clean exit."""
+    """Run a stage entry point; turn :class:`LtpipeError` into a clean exit, and stop the stage
+    when the DVC process that started it dies (see :class:`DvcWatcher`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        watcher = DvcWatcher.start_if_under_dvc()
         try:
             return func(*args, **kwargs)
         except LtpipeError as exc:
             print(f"ltpipe error: {user_message(exc)}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(ERROR_STATUS)
+        except KeyboardInterrupt:
+            if watcher is None or not watcher.fired.is_set():
+                raise
+            sys.exit(STOPPED_STATUS)
 
     return wrapper

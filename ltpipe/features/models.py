@@ -8,7 +8,10 @@ one shipped here (``ltpipe-tiny``). ``model.pretrained`` is
   weights (the embedded default; no download);
 * an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...): taken from
   the local Hugging Face / open_clip cache, downloaded when there is a network;
-* a path to a local checkpoint file (a state dict, as open_clip saves them).
+* a path to a local checkpoint file: a state dict saved with ``torch.save`` (zip or the
+  old format), a ``.safetensors`` file, or a TorchScript archive (OpenAI's original
+  ``ViT-B-32.pt``). A pickled model object is refused without unpickling it; see
+  :func:`diagnose_checkpoint` for what each bad file is told.
 
 Offline, a tag that is not cached fails at once with the fix (point
 ``model.pretrained`` at a local file) instead of open_clip's minute of retries.
@@ -16,10 +19,14 @@ Offline, a tag that is not cached fails at once with the fix (point
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
+import pickletools
 import socket
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -220,19 +227,224 @@ def load(weights: ResolvedWeights, device: torch.device):
         )
     settings = weights.preprocess
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            weights.arch, pretrained=str(checkpoint), device=device, force_quick_gelu=weights.quick_gelu,
-            image_mean=settings.get("mean"), image_std=settings.get("std"),
-            image_interpolation=settings.get("interpolation"), image_resize_mode=settings.get("resize_mode"),
-        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*TorchScript archive")  # torch.load says it dispatches
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                weights.arch, pretrained=str(checkpoint), device=device, force_quick_gelu=weights.quick_gelu,
+                image_mean=settings.get("mean"), image_std=settings.get("std"),
+                image_interpolation=settings.get("interpolation"), image_resize_mode=settings.get("resize_mode"),
+                # torch.load hands a TorchScript archive (OpenAI's original ViT-B-32.pt is one) to torch.jit.load,
+                # which reads TorchScript's own format and no Python pickle; weights_only=True refuses it.
+                weights_only=not is_torchscript(checkpoint),
+            )
     except Exception as exc:  # noqa: BLE001 - any failure here means "this file is not weights for arch"
-        raise WeightsError(
-            f"cannot load {checkpoint} as {weights.arch} weights ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:300]}). "
-            "Check `model.arch` matches the checkpoint (e.g. ViT-B-16-quickgelu for QuickGELU weights) and "
-            "that the file is an open_clip state dict.") from None
+        raise WeightsError(diagnose_checkpoint(checkpoint, weights.arch, exc)) from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(weights.arch)
+
+
+# What a checkpoint file is, read from its bytes without unpickling anything, so that each
+# kind of file open_clip cannot load is named with its own fix.
+TORCH_TENSOR_GLOBALS = {"collections.OrderedDict", "torch.Size", "torch.device", "builtins.set"}
+FILE_SIGNATURES = (
+    (b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+    (b"\x1f\x8b", "a gzip file"), (b"<!doctype html", "an HTML page (a failed download?)"),
+    (b"<html", "an HTML page (a failed download?)"), (b"version https://git-lfs", "a Git LFS pointer"),
+    (b"\x93NUMPY", "a numpy .npy file"),
+)
+
+
+def _zip_records(path: Path) -> Optional[list]:
+    """The records of a torch zip checkpoint without the archive's top folder; ``None`` if not a zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return [name.split("/", 1)[-1] for name in archive.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        return None
+
+
+def is_torchscript(path: Path) -> bool:
+    """torch.load's own test (``serialization._is_torchscript_zip``): a ``constants.pkl`` record."""
+    records = _zip_records(path)
+    return records is not None and "constants.pkl" in records
+
+
+def _is_tensor_machinery(name: str) -> bool:
+    dtype = name.startswith("torch.") and isinstance(getattr(torch, name[6:], None), torch.dtype)
+    return (name in TORCH_TENSOR_GLOBALS or dtype or name.endswith("Storage")
+            or name.startswith(("torch._utils.", "torch.storage.", "torch._tensor.", "builtins.", "__builtin__.")))
+
+
+def _pickled_classes(pickle_bytes: bytes, pickles: int = 1):
+    """``(classes, top_is_dict, key)``: the non-tensor globals the pickle stream names, in order,
+    whether its top-level object is a dict, and the last string before the first such global
+    (in a dict, the key it is stored under). Read with pickletools: nothing is unpickled."""
+    stream = io.BytesIO(pickle_bytes)
+    classes, strings, top_is_dict, key = [], [], None, None
+    for _ in range(pickles):
+        for opcode, arg, _ in pickletools.genops(stream):
+            name = None
+            if opcode.name == "GLOBAL":
+                name = arg.replace(" ", ".")
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = f"{strings[-2]}.{strings[-1]}"
+            elif isinstance(arg, str):
+                strings.append(arg)
+            if top_is_dict is None and opcode.name not in ("PROTO", "FRAME"):
+                top_is_dict = opcode.name in ("EMPTY_DICT", "DICT")
+            if name and not _is_tensor_machinery(name) and name not in classes:
+                if not classes and strings:
+                    key = strings[-1]
+                classes.append(name)
+        top_is_dict = None if not classes else top_is_dict  # the legacy format's first pickles are headers
+    return classes, bool(top_is_dict), key
+
+
+def _pickled_objects_message(path: Path, classes: list, top_is_dict: bool, key: Optional[str]) -> str:
+    state = path.with_name(f"{path.stem}_state.pt")
+    take = "" if not top_is_dict else f"m = m[{key!r}]; " if key else "m = m[KEY]; "
+    found = f"a pickled `{classes[0]}` object"
+    if top_is_dict:
+        found = f"a dict holding {found}" + (f" under {key!r}" if key else "")
+    others = f" (also {', '.join(classes[1:4])}{', ...' if len(classes) > 4 else ''})" if len(classes) > 1 else ""
+    return (
+        f"checkpoint {path} (`model.pretrained`) is {found}{others}, saved with `torch.save(model)`, not a state "
+        "dict; ltpipe never unpickles objects, since unpickling can run code from the file. Convert it once, "
+        f"where you trust the file: `python -c \"import torch; m = torch.load('{path}', weights_only=False); "
+        f"{take}torch.save(m.state_dict(), '{state}')\"`, then set `model.pretrained: {state}`."
+    )
+
+
+def _vit_shape(state: dict) -> Optional[dict]:
+    """The open_clip config fields a ViT + transformer-text state dict fixes, as
+    ``{"embed_dim": .., "vision_cfg": {..}, "text_cfg": {..}}``; ``None`` for another layout."""
+    try:
+        conv, grid = state["visual.conv1.weight"], state["visual.positional_embedding"]
+        tokens, text_positions = state["token_embedding.weight"], state["positional_embedding"]
+
+        def layers(prefix):
+            return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+        return {"embed_dim": int(state["text_projection"].shape[1]),
+                "vision_cfg": {"width": int(conv.shape[0]), "patch_size": int(conv.shape[-1]),
+                               "layers": layers("visual.transformer.resblocks."),
+                               "image_size": int(conv.shape[-1] * round((grid.shape[0] - 1) ** 0.5))},
+                "text_cfg": {"width": int(tokens.shape[1]), "vocab_size": int(tokens.shape[0]),
+                             "context_length": int(text_positions.shape[0]),
+                             "layers": layers("transformer.resblocks.")}}
+    except (KeyError, IndexError, AttributeError, TypeError):
+        return None
+
+
+def _archs_fitting(state: dict) -> list:
+    shape = _vit_shape(state)
+    if shape is None:
+        return []
+    register_project_configs()
+    defaults = {"vision_cfg": {"width": 768, "patch_size": 16, "layers": 12, "image_size": 224},
+                "text_cfg": {"width": 512, "vocab_size": 49408, "context_length": 77, "layers": 12}}
+    fitting = []
+    for name in open_clip.list_models():
+        cfg = open_clip.get_model_config(name) or {}
+        if cfg.get("embed_dim") != shape["embed_dim"]:
+            continue
+        if all({**defaults[tower], **cfg.get(tower, {})}.get(k) == v
+               for tower in ("vision_cfg", "text_cfg") for k, v in shape[tower].items()):
+            fitting.append(name)
+    return fitting
+
+
+def _state_dict_mismatch(path: Path, arch: str) -> Optional[str]:
+    """Why a readable state dict does not fit ``arch``: the first key whose shape differs, or the
+    keys one side lacks, and the open_clip architectures whose shapes it fits."""
+    try:
+        if is_torchscript(path):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            state = open_clip.factory.load_state_dict(str(path), weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable: the caller says so with the loader's own words
+        return None
+    if not isinstance(state, dict) or not state:
+        return None
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
+        nested = [k for k, v in state.items() if isinstance(v, dict)]
+        state_path = path.with_name(f"{path.stem}_state.pt")
+        return (f"it is a dict of {', '.join(map(str, list(state)[:6]))} (a training checkpoint?), not a state dict"
+                + (f"; the weights are probably under {nested[0]!r}: save them with `python -c \"import torch; "
+                   f"c = torch.load('{path}'); torch.save(c[{nested[0]!r}], '{state_path}')\"` and point "
+                   "`model.pretrained` there" if nested else ""))
+    with _quiet_root_logger():
+        model = open_clip.create_model(arch, pretrained=None, device="cpu")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = next(((k, list(v.shape), list(expected[k].shape)) for k, v in state.items()
+                   if k in expected and hasattr(v, "shape") and tuple(v.shape) != tuple(expected[k].shape)), None)
+    if shapes is None and not missing and not unexpected:
+        return None
+    computed = {name for name, _ in model.named_buffers()} - set(expected)
+    if shapes is None and not missing and set(unexpected) <= computed:
+        # e.g. a TorchScript export of an open_clip model keeps `attn_mask`, which the model builds itself
+        names = ", ".join(f"`{k}`" for k in unexpected)
+        read = f"torch.jit.load('{path}').state_dict()" if is_torchscript(path) else f"torch.load('{path}')"
+        return (f"it holds {names}, which {arch} computes itself rather than loading. Save the weights without "
+                f"it: `python -c \"import torch; s = dict({read}); [s.pop(k) for k in {unexpected!r}]; "
+                f"torch.save(s, '{path.with_name(path.stem + '_state.pt')}')\"` and point `model.pretrained` there")
+    reasons = [f"`{shapes[0]}` is {shapes[1]} in the file but {shapes[2]} in {arch}" if shapes else "",
+               f"it lacks {len(missing)} of {arch}'s {len(expected)} keys (first `{missing[0]}`)" if missing else "",
+               f"it has {len(unexpected)} keys {arch} does not (first `{unexpected[0]}`)" if unexpected else ""]
+    fitting = [name for name in _archs_fitting(state) if name != arch]
+    hint = (f"Its shapes fit `model.arch` {', '.join(fitting[:6])}" if fitting else
+            "Set `model.arch` to the architecture it was trained as (`python -c \"import open_clip; "
+            "print(open_clip.list_models())\"` lists them)")
+    what = "a state dict for another architecture" if shapes or missing else f"not a state dict of {arch} alone"
+    return f"it is {what}: {'; '.join(r for r in reasons if r)}. {hint}"
+
+
+def diagnose_checkpoint(path: Path, arch: str, error: BaseException) -> str:
+    """One line naming what ``path`` is and how to fix it, after open_clip failed to load it."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    what = None
+    if head.startswith(b"PK\x03\x04"):
+        records = _zip_records(path)
+        if records is None:
+            what = (f"is an incomplete or damaged zip archive ({size} bytes, no readable zip directory: cut off "
+                    "while copying or downloading?). Copy or download it again")
+        elif "data.pkl" in records and "constants.pkl" not in records:
+            with zipfile.ZipFile(path) as archive:
+                pickle_name = next(n for n in archive.namelist() if n.split("/", 1)[-1] == "data.pkl")
+                classes, top_is_dict, key = _pickled_classes(archive.read(pickle_name))
+            if classes:
+                return _pickled_objects_message(path, classes, top_is_dict, key)
+    elif head[:1] == b"\x80":  # a pickle: torch's old (before 1.6) non-zip format
+        try:
+            classes, top_is_dict, key = _pickled_classes(path.read_bytes(), pickles=4)
+        except Exception:  # noqa: BLE001 - a cut-off or damaged pickle stream
+            classes, top_is_dict, key = [], False, None
+        if classes:
+            return _pickled_objects_message(path, classes, top_is_dict, key)
+    elif len(head) > 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:
+        if path.suffix != ".safetensors":
+            what = ("is a safetensors file, which open_clip reads only when the name ends in `.safetensors`. "
+                    f"Rename it (e.g. {path.with_suffix('.safetensors')}) and point `model.pretrained` there")
+    else:
+        kind = next((name for magic, name in FILE_SIGNATURES if head.lower().startswith(magic)), None)
+        what = (f"is not a model checkpoint: it is {kind}" if kind else
+                f"is not a model checkpoint torch or safetensors can read (it starts with {head[:8]!r})")
+        what += ". Point `model.pretrained` at the weights file (a state dict, .safetensors or TorchScript archive)"
+    if what is None:
+        mismatch = _state_dict_mismatch(path, arch)
+        if mismatch is not None:
+            return f"cannot load checkpoint {path} (`model.pretrained`) as {arch} weights: {mismatch}."
+        what = (f"cannot be loaded as {arch} weights ({type(error).__name__}: {' '.join(str(error).split())[:200]}). "
+                "If it is cut off or damaged, copy or download it again; if it is for another architecture, set "
+                "`model.arch` to it (e.g. ViT-B-16-quickgelu for QuickGELU weights)")
+    return f"checkpoint {path} (`model.pretrained`) {what}."
 
 
 def run_stage(params: Params) -> ResolvedWeights:
