@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,160 @@ def test_numeric_class_names_stay_text(tmp_path):
     save(prepared, tmp_path / "out")
     loaded = load(tmp_path / "out")
     assert loaded.classes["name"].tolist() == ["1", "2"] and loaded.classes["prompt"].tolist() == ["1", "2"]
+
+
+# ---------------------------------------------------------------- issue 15: carve, dropped classes, prompts, params
+
+
+def _single(counts):
+    return [(f"{c}/{i}.jpg", (c,)) for c, n in enumerate(counts) for i in range(n)]
+
+
+def _per_class(entries, num_classes):
+    return np.bincount([labels[0] for _, labels in entries], minlength=num_classes).tolist()
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.2, 0.25, 0.5])
+@pytest.mark.parametrize("counts", [[4] * 30, [3] * 50, [120, 40, 12, 6, 3, 2, 2], [9, 7, 5, 5, 3, 2]],
+                         ids=["30x4", "50x3", "long_tail", "small_tail"])
+def test_single_label_carve_is_proportional(counts, fraction):
+    """round(fraction * N) images (half up), each class giving floor or ceil of its share
+    fraction * n_c; the classes rounded up are those with the largest remainders."""
+    from ltpipe.data.manifest import carve_validation
+
+    rest, val = carve_validation(_single(counts), len(counts), fraction, 0, multilabel=False)
+    taken = _per_class(val, len(counts))
+    assert len(val) == int(np.floor(fraction * sum(counts) + 0.5))
+    assert all(int(np.floor(fraction * n + 1e-9)) <= t <= int(np.floor(fraction * n + 1e-9)) + 1 and t < n
+               for n, t in zip(counts, taken)), taken
+    assert len(rest) + len(val) == sum(counts) and not {p for p, _ in rest} & {p for p, _ in val}
+
+
+def test_single_label_carve_by_hand():
+    from ltpipe.data.manifest import carve_validation
+
+    # 0.1 * 155 = 15.5 -> 16; shares 10, 4, 1, 0.4, 0.1: the one left over goes to the class of 4.
+    _, val = carve_validation(_single([100, 40, 10, 4, 1]), 5, 0.1, 0, False)
+    assert _per_class(val, 5) == [10, 4, 1, 1, 0]
+    # 1000 classes of 4 images: per-class rounding carved none; 0.1 * 4000 = 400, one from 400 classes.
+    _, val = carve_validation(_single([4] * 1000), 1000, 0.1, 0, False)
+    assert sorted(set(_per_class(val, 1000))) == [0, 1] and len(val) == 400
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.25, 0.5])
+def test_multilabel_carve_on_small_data_is_proportional(tmp_path_factory, fraction):
+    """The issue's case: about 100 multi-label training images, where fractions 0.1, 0.2 and 0.25
+    carved 0, 8 and 41 (40 %)."""
+    from ltpipe.data.formats import read_list
+    from ltpipe.data.manifest import carve_validation
+
+    source = make_source(tmp_path_factory.mktemp("ml"), multilabel=True, classes=8, max_per_class=30, imbalance=10)
+    train = read_list(source.lists["train"], True)
+    rest, val = carve_validation(train, 8, fraction, 0, multilabel=True)
+    assert len(val) == int(np.floor(fraction * len(train) + 0.5)), (len(val), len(train))
+    left = np.zeros(8, int)
+    for _, labels in rest:
+        left[list(labels)] += 1
+    assert (left > 0).all(), "a class lost its last training image"
+
+
+def test_carve_is_determined_by_the_seed():
+    from ltpipe.data.manifest import carve_validation
+
+    train = _single([9, 7, 5, 5, 3, 2])
+    assert carve_validation(train, 6, 0.2, 3, False) == carve_validation(train, 6, 0.2, 3, False)
+    assert carve_validation(train, 6, 0.2, 3, False)[1] != carve_validation(train, 6, 0.2, 4, False)[1]
+
+
+def test_carve_is_reported(tmp_path):
+    from ltpipe.data.manifest import PrepareOptions
+
+    source = _lists(tmp_path, "a.jpg 0\n")
+    root = source.root
+    lines = []
+    for c, n in enumerate([12, 3]):
+        for i in range(n):
+            (root / f"{c}_{i}.jpg").write_bytes(b"x")
+            lines.append(f"{c}_{i}.jpg {c}\n")
+    (tmp_path / "train.txt").write_text("".join(lines))
+    source.lists["val"] = None
+    prepared = build(source, PrepareOptions(val_fraction=0.2, split_seed=1))
+    # 0.2 * 15 = 3: shares 2.4 and 0.6 -> 2 + 1 (largest remainder).
+    assert prepared.report["validation"] == {
+        "carved_from_train": 3, "fraction": 0.2, "achieved_fraction": 0.2, "train_list_images": 15, "seed": 1,
+        "classes_without_validation": []}
+    assert prepared.split("val")["labels"].tolist().count("1") == 1
+
+
+def test_multilabel_classes_without_training_are_dropped_on_request(tmp_path):
+    from ltpipe.data.manifest import PrepareOptions
+
+    root = tmp_path / "root"
+    root.mkdir()
+    train = ["t0.jpg 0 2", "t1.jpg 0", "t2.jpg 2 4", "t3.jpg 4"]  # classes 1 and 3: no training image
+    test = ["s0.jpg 1", "s1.jpg 0 1 3", "s2.jpg 2 3 4", "s3.jpg"]
+    val = ["v0.jpg 3 4"]
+    for name, lines in (("train", train), ("test", test), ("val", val)):
+        for line in lines:
+            (root / line.split()[0]).write_bytes(line.encode())
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    (tmp_path / "names.txt").write_text("cat\ndog\nbird\nfish\nfrog\n")
+    source = DatasetSource("custom", root, {s: tmp_path / f"{s}.txt" for s in ("train", "val", "test")},
+                           tmp_path / "names.txt", True)
+    with pytest.raises(DataError, match=r"2 class\(es\).*1 \(dog\), 3 \(fish\).*drop_classes_without_training"):
+        build(source)
+    prepared = build(source, PrepareOptions(drop_classes_without_training=True))
+    assert prepared.classes["name"].tolist() == ["cat", "bird", "frog"]
+    assert prepared.classes["index"].tolist() == [0, 1, 2]
+    # Old labels 0, 2, 4 become 0, 1, 2; labels of dogs and fish are gone.
+    assert prepared.split("train")["labels"].tolist() == ["0 1", "0", "1 2", "2"]
+    assert prepared.split("test")["labels"].tolist() == ["", "0", "1 2", ""]
+    assert prepared.split("val")["labels"].tolist() == ["2"]
+    assert prepared.report["dropped_classes"] == [
+        {"id": "dog", "name": "dog", "train_images": 0, "test_images": 2, "val_images": 0},
+        {"id": "fish", "name": "fish", "train_images": 0, "test_images": 2, "val_images": 1}]
+    save(prepared, tmp_path / "out")
+    loaded = load(tmp_path / "out")
+    assert loaded.num_classes == 3 and loaded.label_array("test").tolist() == [[0, 0, 0], [1, 0, 0], [0, 1, 1],
+                                                                                [0, 0, 0]]
+
+
+def test_single_label_class_without_training_is_refused_even_with_the_drop_option(tmp_path):
+    from ltpipe.data.manifest import PrepareOptions
+
+    with pytest.raises(DataError, match=r"1 \(dog\).*multi-label data only"):
+        build(_lists(tmp_path, "a.jpg 0\nc.jpg 0\n"), PrepareOptions(drop_classes_without_training=True))
+
+
+def test_imagenet_lt_prepares_with_clips_curated_names():
+    """Raw synset names repeat ('crane', 'maillot'): the curated list replaces them. CLIP's curated
+    list itself repeats two ('missile', 'sunglasses'): kept as published (zero-shot parity) and
+    returned to be warned about; any other repeat is refused."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    from ltpipe.data.formats import check_distinct_prompts, curated_prompts
+
+    ids = [f"n{i:08d}" for i in range(1000)]
+    raw = [f"synset {i}" for i in range(1000)]
+    raw[134] = raw[517] = "crane"
+    raw[638] = raw[639] = "maillot"
+    with pytest.raises(DataError, match=r"classes 134 .* and 517 .*'crane'"):
+        check_distinct_prompts(Path("raw.txt"), ["a"] * 1000, raw, raw)
+    prompts = curated_prompts(ids, raw)
+    assert prompts == list(IMAGENET_CLASSNAMES)
+    repeats = check_distinct_prompts(Path("classnames.txt"), ids, raw, prompts)
+    assert [(r["prompt"], r["classes"]) for r in repeats] == [("missile", [657, 744]), ("sunglasses", [836, 837])]
+
+
+def test_prepare_defaults_in_params_yaml_match_the_options():
+    import dataclasses
+
+    import yaml
+
+    from ltpipe.data.manifest import PrepareOptions
+    from tests.conftest import REPO
+
+    written = yaml.safe_load((REPO / "params.yaml").read_text())["prepare"]
+    defaults = {f.name: f.default for f in dataclasses.fields(PrepareOptions)}
+    assert {k: written[k] for k in ("allow_links_outside_root", "drop_classes_without_training")} == \
+        {k: defaults[k] for k in ("allow_links_outside_root", "drop_classes_without_training")}
