@@ -8,15 +8,21 @@
 3. Time to draw a random minibatch of 256 token grids of ViT-B/32 shape (50 x 768,
    float16) from a cache whose pages are dropped from the page cache before every
    draw (posix_fadvise DONTNEED: a cache larger than memory, without writing 30 GB):
-   memory map (what ltpipe uses) against h5py per-row reads and h5py fancy indexing.
+   memory map against h5py per-row reads, h5py fancy indexing and ltpipe's reader, whose
+   first read of a row checks its CRC-32 (a later epoch does not), and the same bytes
+   without checksums.
+4. Loading pooled features (100k x 512) with and without checksum verification, against
+   a plain h5py read of the same datasets.
 
 Run: .venv/bin/python bench/features.py   (about two minutes on 2 cores)
+     .venv/bin/python bench/features.py --reads   (parts 3 and 4 only)
      .venv/bin/python bench/features.py --arch ViT-B-32 --every 48
          (part 1 only, a real-size architecture, randomly initialised, on every 48th CIFAR image)
 """
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +34,7 @@ from PIL import Image
 
 from ltpipe.data.manifest import DatasetSource, build
 from ltpipe.data.synthetic import SyntheticSpec, generate
-from ltpipe.features import extract, models
+from ltpipe.features import extract, models, store
 from ltpipe.features.store import SplitFeatures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,12 +85,8 @@ def drop_cache(path):
 def compare_token_reads(work, rows=8000, draws=20):
     path = work / "tokens.h5"
     rng = np.random.default_rng(0)
-    with h5py.File(path, "w") as fh:
-        fh.create_dataset("tokens", data=rng.standard_normal((rows, 50, 768), dtype=np.float32).astype(np.float16))
-        fh.create_dataset("pooled", data=np.zeros((rows, 4), np.float16))
-        fh.create_dataset("labels", data=np.zeros(rows, np.int64))
-        fh.create_dataset("paths", data=["x"] * rows, dtype=h5py.string_dtype())
-        fh.attrs["complete"] = True
+    write_cache(path, rng.standard_normal((rows, 4), dtype=np.float32), rng.standard_normal, (50, 768))
+    unchecked = without_checksums(path, work / "tokens_unchecked.h5")
     os.sync()
     mb = os.path.getsize(path) / 2**20
     with h5py.File(path, "r") as fh:
@@ -112,9 +114,18 @@ def compare_token_reads(work, rows=8000, draws=20):
         return out
 
     features = SplitFeatures(path)  # one reader, as training uses it; an open handle maps no pages
+    plain = SplitFeatures(unchecked)  # the same bytes, no checksums
 
     def ltpipe_reader(index):
+        features._verified[:] = False  # every row read for the first time: checked (CRC-32 per row)
         return features.tokens(np.sort(index))  # as the training loop asks: a sorted batch, float32 out
+
+    def ltpipe_verified_before(index):
+        features._verified[:] = True  # a later epoch: rows already checked
+        return features.tokens(np.sort(index))
+
+    def ltpipe_unchecked(index):
+        return plain.tokens(np.sort(index))
 
     def per_row(index):
         with h5py.File(path, "r") as fh:
@@ -127,11 +138,13 @@ def compare_token_reads(work, rows=8000, draws=20):
     results = {}
     readers = (("memory map", memmap), ("pread per row", pread_rows), ("h5py per-row", per_row),
                ("h5py fancy index", fancy),
-               ("ltpipe SplitFeatures", ltpipe_reader))
+               ("ltpipe, 1st read (checked)", ltpipe_reader), ("ltpipe, later epoch", ltpipe_verified_before),
+               ("ltpipe, no checksums", ltpipe_unchecked))
     for name, read in readers:
         cold = []
         for index in batches:
             drop_cache(path)
+            drop_cache(unchecked)
             start = time.perf_counter()
             read(index)
             cold.append(time.perf_counter() - start)
@@ -140,11 +153,69 @@ def compare_token_reads(work, rows=8000, draws=20):
             read(index)
         results[name] = (np.median(cold) * 1000, (time.perf_counter() - warm_start) / draws * 1000)
     features.close()
+    plain.close()
     print(f"random minibatch of 256 token grids (50x768 fp16) from a {mb:,.0f} MiB contiguous cache, "
           f"median of {draws}:")
     base = results["memory map"][0]
     for name, (cold, warm) in results.items():
-        print(f"  {name:18s} cold {cold:7.1f} ms  warm {warm:6.1f} ms  (cold vs memory map x{cold / base:.2f})")
+        print(f"  {name:27s} cold {cold:7.1f} ms  warm {warm:6.1f} ms  (cold vs memory map x{cold / base:.2f})")
+
+
+def write_cache(path, pooled, token_source=None, token_shape=None):
+    """A split file written the way extraction writes it (with checksums), tokens in blocks."""
+    rows = len(pooled)
+    writer = store.SplitWriter(path, pooled.shape[1], token_shape, np.zeros(rows, np.int64),
+                               [f"train/{i // 1000:03d}/{i:06d}.jpg" for i in range(rows)], "float16", {})
+    for start in range(0, rows, 1000):
+        stop = min(rows, start + 1000)
+        tokens = token_source((stop - start,) + token_shape, dtype=np.float32) if token_shape else None
+        writer.write(start, pooled[start:stop], tokens)
+    writer.commit()
+
+
+def without_checksums(path, copy):
+    """The same file without its checksums: what reading costs when nothing is verified."""
+    shutil.copy(path, copy)
+    with h5py.File(copy, "a") as fh:
+        del fh.attrs[store.CHECKSUMS]
+        if store.ROW_CHECKSUMS["tokens"] in fh:
+            del fh[store.ROW_CHECKSUMS["tokens"]]
+    return copy
+
+
+def compare_pooled_loads(work, rows=100_000, dim=512, repeats=5):
+    """Loading a split's pooled features (with labels and paths), with and without checksum
+    verification, against a plain read of the same datasets (the hardware's limit)."""
+    path = work / "pooled.h5"
+    write_cache(path, np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32))
+    unchecked = without_checksums(path, work / "pooled_unchecked.h5")
+    os.sync()
+
+    def plain_read():
+        with h5py.File(path, "r") as fh:
+            return fh["pooled"][()], fh["labels"][()], fh["paths"][()]
+
+    def checksums_only():
+        for values in plain_read():
+            store.array_checksum(values)
+
+    readers = (("plain h5py read", plain_read), ("plain read + CRC-32", checksums_only),
+               ("SplitFeatures, checked", lambda: SplitFeatures(path)),
+               ("SplitFeatures, no checksums", lambda: SplitFeatures(unchecked)))
+    mb = rows * dim * 2 / 2**20
+    print(f"loading pooled features, labels and paths ({rows:,} x {dim} fp16, {mb:,.0f} MiB), median of {repeats}:")
+    for name, read in readers:
+        cold, warm = [], []
+        for _ in range(repeats):
+            drop_cache(path)
+            drop_cache(unchecked)
+            start = time.perf_counter()
+            read()
+            cold.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            read()
+            warm.append(time.perf_counter() - start)
+        print(f"  {name:27s} cold {np.median(cold) * 1000:7.1f} ms  warm {np.median(warm) * 1000:7.1f} ms")
 
 
 COCO_MINI = REPO.parent / "shared" / "datasets" / "coco-lt-mini"
@@ -184,9 +255,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="ltpipe-tiny", help="open_clip architecture (random init)")
     parser.add_argument("--every", type=int, default=6, help="use every n-th CIFAR-10-LT training image")
+    parser.add_argument("--reads", action="store_true", help="parts 3 and 4 only (reading the cache)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.reads:
+            compare_token_reads(work)
+            compare_pooled_loads(work)
+            return
         weights = models.resolve(args.arch, None, work / "weights", 0)
         if args.arch != "ltpipe-tiny":
             if not CIFAR.is_dir():
@@ -205,6 +281,7 @@ def main():
             print(f"CIFAR-10-LT: skipped, {CIFAR} is absent")
         compare_draft(weights, work)
         compare_token_reads(work)
+        compare_pooled_loads(work)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,15 @@ CATEGORIES = {  # test module -> the table's category and what "handled" means t
     "test_train_kills": KILLS,
     "test_safe_loading": "safe loading: no code runs from a file, damaged files named",
     "test_concurrency": "concurrency: two queued experiments with `dvc queue start -j 2`, correct and distinct",
+    # Round 2 (issue 15): the classes an independent adversarial test found.
+    "test_stale_inputs": "stale inputs: images changed in place are never extracted from their old record",
+    "test_cache_integrity": "cache integrity: bytes changed inside a feature file are found before use",
+    "test_list_files": "list and class-name files: encodings, shapes, links, duplicates (named, with the fix)",
+    "test_image_modes": "image modes and shapes: each mode converted against independent pixels, or refused",
+    "test_training_outcomes": "training outcomes: a worse stage 2 or a run at chance is never shipped silently",
+    "test_disk_full": "disk full: the path and the space named, resumable work kept, the rest cleaned",
+    "test_orphans": "orphans: a stage stops when the dvc process that started it dies",
+    "test_user_view": "what the user sees: plots, lock, sweep and exp show as documented",
 }
 
 

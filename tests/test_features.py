@@ -173,12 +173,14 @@ def _with_corrupt_images(tmp_path, tiny_source, corrupt):
 
     root = tmp_path / "data"
     shutil.copytree(tiny_source.root, root)
-    prepared = build(DatasetSource("synthetic", root, {k: root / v.name for k, v in tiny_source.lists.items()},
-                                   root / "classnames.txt", False))
-    bad = [prepared.split(split)["path"][i] for split, i in corrupt]
+    source = DatasetSource("synthetic", root, {k: root / v.name for k, v in tiny_source.lists.items()},
+                           root / "classnames.txt", False)
+    bad = [build(source, check_files=False).split(split)["path"][i] for split, i in corrupt]
     for path in bad:
         (root / path).write_bytes(b"not a jpeg")
-    return prepared, bad
+    # Prepared after the damage, as a dataset whose files were bad from the start: the content hashes
+    # recorded are the bad files', so extraction meets them as unreadable, not as changed since prepare.
+    return build(source), bad
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -286,3 +288,18 @@ def test_draft_mode_decodes_large_jpegs_smaller_but_never_below_the_input(tmp_pa
     assert full.load(0)[0].size == (1024, 768)
     assert draft.load(0)[0].size == (512, 384)  # 1/2 scale; 1/4 would be 192 < 224 high
     assert draft.load(1)[0].size == (100, 100)  # not a JPEG: untouched
+
+
+def test_split_file_records_checksums_of_its_bytes(tiny_features):
+    """Independently computed: CRC-32 of each token row's bytes, and of the pooled array (after its dtype and shape)."""
+    import zlib
+
+    with h5py.File(tiny_features / "train.h5", "r") as fh:
+        tokens, pooled = fh["tokens"][()], fh["pooled"][()]
+        rows = fh["tokens_crc32"][()]
+        sums = json.loads(fh.attrs["checksums"])
+    assert rows.dtype == np.uint32 and len(rows) == len(tokens)
+    assert [int(r) for r in rows] == [zlib.crc32(t.tobytes()) for t in tokens]
+    header = zlib.crc32(f"{pooled.dtype.str}{pooled.shape}".encode())
+    assert sums["pooled"] == f"{zlib.crc32(pooled.tobytes(), header):08x}"
+    assert set(sums) == {"attrs", "labels", "paths", "pooled", "skipped_errors", "skipped_paths", "tokens_crc32"}

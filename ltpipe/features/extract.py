@@ -31,6 +31,7 @@ import ltpipe
 from ltpipe import paths
 from ltpipe.config import Params
 from ltpipe.data import manifest
+from ltpipe.data.images import UnusableImage, read_rgb
 from ltpipe.data.manifest import Prepared
 from ltpipe.errors import ConfigError, DataError
 from ltpipe.features import models, store
@@ -74,16 +75,29 @@ class ImageFiles(Dataset):
     much less decoding for images far larger than the model input, slightly different
     pixels, so it is opt-in (``extract.draft``).
 
-    With ``skip_bad``, an unreadable image yields a black placeholder and its error, so
-    the batch goes on; the placeholder's row is dropped when the file is assembled."""
+    Images are read and converted by :mod:`ltpipe.data.images`. With ``hashes`` (prepare's
+    ``sha256`` column), each file's bytes must still be those prepare hashed.
+
+    With ``skip_bad``, an unreadable (or refused) image yields a black placeholder and its
+    error, so the batch goes on; the placeholder's row is dropped when the file is assembled.
+    A file changed since prepare is never skipped: the dataset itself is out of date."""
 
     def __init__(self, root: Path, paths: Sequence[str], transform, draft_size: Optional[int] = None,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, hashes: Optional[Sequence[str]] = None):
         self.root = Path(root)
         self.paths = list(paths)
         self.transform = transform
         self.draft_size = draft_size
         self.skip_bad = skip_bad
+        self.hashes = list(hashes) if hashes is not None else None
+
+    @classmethod
+    def of_split(cls, prepared: Prepared, split: str, transform, draft_size: Optional[int] = None,
+                 skip_bad: bool = False) -> "ImageFiles":
+        """The images of a prepared split, checked against prepare's content hashes."""
+        rows = prepared.split(split)
+        return cls(prepared.root, rows["path"].tolist(), transform, draft_size, skip_bad,
+                   prepared.content_hashes(split))
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,12 +106,12 @@ class ImageFiles(Dataset):
         """The image as RGB and ``""``, or (skipping) a placeholder and the reason it is unreadable."""
         path = self.root / self.paths[index]
         try:
-            with Image.open(path) as image:
-                if self.draft_size and image.format == "JPEG":
-                    image.draft("RGB", (self.draft_size, self.draft_size))
-                if image.mode == "P" and "transparency" in image.info:
-                    image = image.convert("RGBA")  # the same colours, without Pillow's warning per image
-                return image.convert("RGB"), ""
+            return read_rgb(path, self.hashes[index] if self.hashes else "", self.draft_size).image, ""
+        except UnusableImage as exc:
+            if self.skip_bad:
+                return Image.new("RGB", (32, 32)), f"{type(exc).__name__}: {exc}"
+            raise DataError(f"{exc} Or set `extract.on_bad_image: skip` to leave it out (it is then listed in the "
+                            "feature file).") from None
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             if self.skip_bad:
                 return Image.new("RGB", (32, 32)), f"{type(exc).__name__}: {exc}"
@@ -233,9 +247,16 @@ def shard_size(options: ExtractOptions) -> int:
     return max(1, options.checkpoint_every // options.batch_size) * options.batch_size
 
 
+def content_hashes(dataset: Dataset) -> Optional[List[str]]:
+    """The content hashes of the image files behind ``dataset`` (``ImageFiles`` or views of them)."""
+    files = dataset.files if isinstance(dataset, AugmentedViews) else dataset
+    return getattr(files, "hashes", None)
+
+
 def work_fingerprint(split: str, root: Path, paths: Sequence[str], base_attrs: Dict, options: ExtractOptions,
-                     precision: str, device: torch.device) -> str:
-    """What the shards of a split depend on: resuming never mixes in shards of other inputs."""
+                     precision: str, device: torch.device, hashes: Optional[Sequence[str]] = None) -> str:
+    """What the shards of a split depend on: resuming never mixes in shards of other inputs,
+    including other contents at the same paths (``hashes``: prepare's, one per image file)."""
     digest = hashlib.sha256()
     digest.update(json.dumps({
         "split": split, "root": str(root), "attrs": base_attrs, "batch_size": options.batch_size,
@@ -244,6 +265,8 @@ def work_fingerprint(split: str, root: Path, paths: Sequence[str], base_attrs: D
     }, sort_keys=True, default=str).encode())
     for path in paths:
         digest.update(path.encode() + b"\n")
+    for content in hashes or ():
+        digest.update(content.encode() + b"\n")
     return digest.hexdigest()[:16]
 
 
@@ -252,7 +275,11 @@ def _save_shard(path: Path, pooled: np.ndarray, tokens: Optional[np.ndarray], ba
     arrays = {"pooled": pooled, "bad_rows": bad_rows, "bad_errors": bad_errors}
     if tokens is not None:
         arrays["tokens"] = tokens
-    with paths.atomic_target(path) as partial, open(partial, "wb") as fh:
+    finished = len(list(path.parent.glob("*.npz")))
+    kept = (f"The {finished} shard(s) finished before it in {path.parent} are kept: the re-run resumes from them."
+            if finished else "")
+    with paths.atomic_target(path, needed=sum(a.nbytes for a in arrays.values()), kept=kept) as partial, \
+            open(partial, "wb") as fh:
         np.savez(fh, **arrays)
 
 
@@ -283,9 +310,9 @@ def extract_split(model, preprocess, prepared: Prepared, split: str, out_path: P
                   device: torch.device, precision: str, base_attrs: Dict, work_root: Path,
                   workers: Workers = Workers()) -> Dict:
     """Extract one split of the manifest (see :func:`extract_rows`)."""
-    rows = prepared.split(split)
-    paths: List[str] = rows["path"].tolist()
-    dataset = ImageFiles(prepared.root, paths, preprocess, _draft_size(model, options), options.on_bad_image == "skip")
+    dataset = ImageFiles.of_split(prepared, split, preprocess, _draft_size(model, options),
+                                  options.on_bad_image == "skip")
+    paths: List[str] = dataset.paths
     return extract_rows(model, dataset, split, prepared.root, paths, prepared.label_array(split), out_path,
                         options, device, precision, dict(base_attrs, split=split), work_root, workers)
 
@@ -303,7 +330,7 @@ def extract_rows(model, dataset: Dataset, name: str, root: Path, paths: List[str
     """
     per_shard = shard_size(options)
     num_shards = max(1, math.ceil(len(paths) / per_shard))
-    fingerprint = work_fingerprint(name, root, paths, attrs, options, precision, device)
+    fingerprint = work_fingerprint(name, root, paths, attrs, options, precision, device, content_hashes(dataset))
     work = Path(work_root) / f"{name}-{fingerprint}"
     work.mkdir(parents=True, exist_ok=True)
     shard_path = [work / f"{k:05d}.npz" for k in range(num_shards)]
@@ -350,9 +377,8 @@ def _draft_size(model, options: ExtractOptions) -> Optional[int]:
 def extract_views(model, prepared: Prepared, out_path: Path, options: ExtractOptions, device: torch.device,
                   precision: str, base_attrs: Dict, work_root: Path, workers: Workers = Workers()) -> Dict:
     """``options.views`` augmented views of every training image, as rows ``i * K + v``."""
-    rows = prepared.split("train")
-    paths: List[str] = rows["path"].tolist()
-    files = ImageFiles(prepared.root, paths, None, _draft_size(model, options), options.on_bad_image == "skip")
+    files = ImageFiles.of_split(prepared, "train", None, _draft_size(model, options), options.on_bad_image == "skip")
+    paths: List[str] = files.paths
     views = AugmentedViews.for_encoder(files, options.views, model.visual, options.view_seed, options.view_min_scale)
     k = options.views
     return extract_rows(model, views, "train_views", prepared.root, [p for p in paths for _ in range(k)],
@@ -403,8 +429,10 @@ def _assemble(shards: List[Path], per_shard: int, out_path: Path, labels: np.nda
                 pooled = data["pooled"]
                 tokens = data["tokens"] if "tokens" in data else None
             if writer is None:
+                kept = (f"The {len(shards)} finished shard(s) in {shard.parent} are kept: the re-run assembles "
+                        "the file from them without extracting again.")
                 writer = store.SplitWriter(out_path, pooled.shape[1], tokens.shape[1:] if tokens is not None else None,
-                                           labels[keep], kept_paths, options.dtype, attrs, skipped)
+                                           labels[keep], kept_paths, options.dtype, attrs, skipped, kept)
             shard_keep = keep[k * per_shard:k * per_shard + len(pooled)]
             pooled = pooled[shard_keep]
             tokens = tokens[shard_keep] if tokens is not None else None
@@ -527,8 +555,9 @@ def run_stage(params: Params) -> Dict:
         torch.distributed.destroy_process_group()
     if workers.rank > 0:
         return report
-    paths.EXTRACT_REPORT.parent.mkdir(parents=True, exist_ok=True)
-    paths.EXTRACT_REPORT.write_text(json.dumps(report, indent=2) + "\n")
+    with paths.atomic_target(paths.EXTRACT_REPORT, kept="The feature files are complete in "
+                             f"{paths.FEATURES_DIR}.") as partial:
+        partial.write_text(json.dumps(report, indent=2) + "\n")
     for split, row in report.items():
         print(f"extract {split}: {row['images']} images in {row['seconds']:.1f}s ({row['images_per_second']} img/s)")
         if row["skipped_images"]:

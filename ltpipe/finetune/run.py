@@ -126,7 +126,7 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
               "`finetune.train.ema` (now 0: off).")
 
     def images(split: str, transform) -> ImageFiles:
-        return ImageFiles(prepared.root, prepared.split(split)["path"].tolist(), transform)
+        return ImageFiles.of_split(prepared, split, transform)
 
     val_labels = prepared.label_array("val")
     val_images = images("val", preprocess)
