@@ -137,13 +137,21 @@ def posthoc_logit_adjust(head, device, prepared: manifest.Prepared) -> Tuple[flo
     return tau, prior
 
 
+def check_posthoc(params: Params, multilabel: bool) -> str:
+    """`evaluate.posthoc`, refused where it cannot apply. The train stage calls this too, to
+    validate only (it never uses the value), so the refusal comes before training."""
+    posthoc = params.str("evaluate.posthoc", choices=POSTHOC)
+    if posthoc == "logit_adjust" and multilabel:
+        raise ConfigError("`evaluate.posthoc: logit_adjust` is single-label only: on a multi-label task it would "
+                          "shift each class's logits by a constant, which leaves mAP unchanged, so tau could not be "
+                          "chosen on validation. Set `evaluate.posthoc: none`.")
+    return posthoc
+
+
 def run_evaluate(params: Params) -> Dict:
     prepared = manifest.load(paths.PREPARED_DIR)
     check_task(params, prepared)
-    posthoc = params.str("evaluate.posthoc", choices=POSTHOC)
-    if posthoc == "logit_adjust" and prepared.multilabel:
-        raise ConfigError("`evaluate.posthoc: logit_adjust` is defined for single-label tasks (softmax "
-                          "over classes). Set `evaluate.posthoc: none`.")
+    posthoc = check_posthoc(params, prepared.multilabel)
     device = resolve_device(params.str("model.device"))
     head, run = load_checkpoint(paths.HEAD_CHECKPOINT)
     head.to(device)

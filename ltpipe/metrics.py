@@ -164,6 +164,27 @@ def selection_score(logits: np.ndarray, labels: np.ndarray, multilabel: bool) ->
     return float(balanced_accuracy_score(labels, np.asarray(logits).argmax(axis=1)))
 
 
+def chance_score(labels: np.ndarray, multilabel: bool) -> float:
+    """The :func:`selection_score` of a model that ignores its input: balanced accuracy 1/K of always
+    predicting one class (K: classes present in ``labels``; 1/C when all are); for multi-label, the
+    mean over classes with a positive of the class's prevalence, the average precision of a
+    constant score."""
+    if multilabel:
+        targets = np.asarray(labels).astype(bool)
+        prevalence = targets.mean(axis=0)
+        return float(prevalence[targets.any(axis=0)].mean())
+    return 1.0 / len(np.unique(labels))
+
+
+CHANCE_MEANING = {"single": "what always predicting one class scores",
+                  "multi": "the mean class prevalence in validation, what a constant score gets"}
+
+
+def above_chance(score: float, chance: float) -> bool:
+    """``score`` beats ``chance`` by more than float rounding."""
+    return score > chance + 1e-9
+
+
 TAU_GRID = tuple(float(t) for t in np.round(np.arange(0.0, 2.01, 0.1), 2))
 
 

@@ -7,6 +7,7 @@ accuracy, or mAP for multi-label); the test split is never looked at here.
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -14,12 +15,13 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ltpipe import heads, losses, metrics, paths, stage2
 from ltpipe.config import Params
 from ltpipe.data import manifest
 from ltpipe.errors import ConfigError, TrainingError
-from ltpipe.evaluation import check_features, check_task
+from ltpipe.evaluation import check_features, check_posthoc, check_task
 from ltpipe.features.store import SplitFeatures, TextFeatures
 from ltpipe.heads.linear import CosineClassifier
 from ltpipe.inference import FeatureInput, ViewInput, predict
@@ -87,21 +89,46 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+# Seconds between redraws of a progress bar: in place in a terminal; in a log file (DVC's queue
+# logs, CI) every redraw stays, so a long run there adds a line every half minute, not one a step.
+PROGRESS_INTERVAL = {"terminal": 2.0, "log": 30.0}
+
+
+def progress_bar(total: int, desc: str, unit: str = "epoch", initial: int = 0, disable: bool = False) -> tqdm:
+    """A tqdm bar on stderr (DVC shows a stage's stderr as it runs) for training loops."""
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, disable=disable,
+                mininterval=PROGRESS_INTERVAL["terminal" if interactive else "log"], dynamic_ncols=interactive)
+
+
 @dataclass
 class TrainResult:
     best_state: Dict[str, torch.Tensor]
     best_epoch: int
     best_score: float
     history: List[Dict] = field(default_factory=list)
+    # The loss of all-zero logits (a model that has learned nothing) on training rows: a trained
+    # model whose last-epoch loss is above it has diverged even if the loss stayed finite.
+    uninformative_loss: Optional[float] = None
+
+
+def uninformative_loss(loss_fn: nn.Module, target: torch.Tensor, num_classes: int, device: torch.device,
+                       rows: int = 4096) -> float:
+    """``loss_fn`` of all-zero logits on up to ``rows`` evenly spaced rows of ``target`` (log C for
+    softmax cross-entropy; the loss's own value for every other loss, margins and weights included)."""
+    index = torch.from_numpy(np.linspace(0, len(target) - 1, min(rows, len(target))).round().astype(np.int64))
+    with torch.no_grad():
+        return float(loss_fn(torch.zeros(len(index), num_classes, device=device), target[index].to(device)))
 
 
 def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput, val_data: FeatureInput,
           val_labels: np.ndarray, cfg: TrainConfig, seed: int, multilabel: bool, num_classes: int,
-          device: torch.device, logger=None) -> TrainResult:
+          device: torch.device, logger=None, desc: str = "train") -> TrainResult:
     """Fit the trainable parameters of ``head``; keep the state with the best validation score.
 
     Losses that change over training (LDAM's deferred re-weighting) get
-    ``loss_fn.set_progress(step, total_steps)`` before each step.
+    ``loss_fn.set_progress(step, total_steps)`` before each step. A progress bar named ``desc``
+    shows the epochs with the last loss and validation score.
     """
     head.to(device)
     loss_fn.to(device)
@@ -126,6 +153,7 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     best: Optional[TrainResult] = None
     history = []
     step = 0
+    bar = progress_bar(epochs, desc)
     for epoch in range(epochs):
         head.train()
         train_data.set_epoch(epoch)
@@ -141,6 +169,7 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
             logits = head(train_data.batch(index))
             loss = loss_fn(logits, target[torch.from_numpy(index)].to(device))
             if not torch.isfinite(loss):
+                bar.close()  # ends the bar's line before the error's
                 raise TrainingError(
                     f"the training loss became {loss.item()} at epoch {epoch}. Lower `train.lr` (now {cfg.lr}) "
                     "or check the feature cache for NaN values.")
@@ -162,7 +191,13 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
             logger(row)
         if best is None or score > best.best_score:
             best = TrainResult(copy.deepcopy(kept.state_dict()), epoch, score)
+        bar.set_postfix_str(f"loss {row['train_loss']:.4g}, val {score:.4f}, best {best.best_score:.4f} "
+                            f"(epoch {best.best_epoch})", refresh=False)
+        bar.update()
+    bar.close()
     best.history = history
+    # On the rows the sampler drew last: a re-weighted loss under re-sampling weighs them differently.
+    best.uninformative_loss = uninformative_loss(loss_fn, target[torch.from_numpy(order)], num_classes, device)
     head.load_state_dict(best.best_state)
     return best
 
@@ -179,6 +214,44 @@ def fit_without_gradients(head: nn.Module, train_feats: SplitFeatures, val_data:
     head.to(val_data.device)
     score = metrics.selection_score(predict(head, val_data), val_labels, multilabel)
     return TrainResult(copy.deepcopy(head.state_dict()), 0, score)
+
+
+# A last-epoch training loss more than this many times the first epoch's is a divergence even
+# when it stays below the uninformative loss (a normal run ends far below its first epoch).
+DIVERGED_LOSS_RATIO = 2.0
+
+
+def loss_diverged(result: TrainResult) -> Optional[str]:
+    """Why the training loss of ``result`` diverged without becoming NaN, or ``None``."""
+    if not result.history:
+        return None  # fitted without gradients
+    first, last = result.history[0]["train_loss"], result.history[-1]["train_loss"]
+    uninformative = result.uninformative_loss
+    if uninformative is not None and last >= uninformative - 1e-3 * abs(uninformative):
+        return (f"the last epoch's training loss {last:.4g} is not below {uninformative:.4g}, the loss of a "
+                "model that predicts nothing (all-zero logits)")
+    if len(result.history) > 1 and last > DIVERGED_LOSS_RATIO * first:
+        return f"the training loss rose from {first:.4g} (first epoch) to {last:.4g} (last epoch)"
+    return None
+
+
+def check_outcome(score: float, val_labels: np.ndarray, multilabel: bool, diverged: List[str],
+                  lr: Optional[float]) -> Dict:
+    """Did the kept model learn anything? Prints a WARNING when its validation ``score`` is not
+    above chance (``metrics.chance_score``) or a training loss diverged; returns the flags the
+    training summary records."""
+    chance = metrics.chance_score(val_labels, multilabel)
+    above = metrics.above_chance(score, chance)
+    fix = (f"lower `train.lr` (now {lr:g}), or check the features and labels" if lr is not None
+           else "check the features and labels (`dvc repro -f extract`)")
+    if not above:
+        what = "mAP" if multilabel else "balanced accuracy"
+        print(f"WARNING: the kept model's validation {what} {score:.4f} is not above chance ({chance:.4f}, "
+              f"{metrics.CHANCE_MEANING['multi' if multilabel else 'single']}): it learned nothing. Likely fix: "
+              f"{fix}.")
+    for reason in diverged:
+        print(f"WARNING: training diverged without the loss becoming NaN: {reason}. Likely fix: {fix}.")
+    return {"above_chance": above, "chance_score": round(chance, 6), "loss_diverged": bool(diverged)}
 
 
 def match_head_to_loss(head: nn.Module, loss_fn: nn.Module, loss_name: str) -> None:
@@ -219,7 +292,14 @@ def stage2_loss(choice: stage2.Stage2Choice, params: Params, head: nn.Module, ta
 def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head: nn.Module,
                  train_input: FeatureInput, val_input: FeatureInput, val_labels: np.ndarray, cfg: TrainConfig,
                  seed: int, multilabel: bool, num_classes: int, device: torch.device, logger=None):
-    """Stage 2 on the frozen stage-1 representation; returns the two-stage model and a summary."""
+    """Stage 2 on the frozen stage-1 representation; returns the model kept and a summary.
+
+    When stage 2's best validation score is below the stage-1 head's, the model returned is the
+    stage-1 head itself (``kept`` false, with a WARNING): a two-stage method never ships a model
+    that validates worse than the one it started from. The summary has ``val_score`` (stage 2's
+    best), ``stage1_val_score``, ``kept`` and the method's choice (``best_epoch``, or ``tau``), and
+    ``loss_diverged`` (a reason, or ``None``) for methods that train.
+    """
     head = stage2.frozen_copy(head)
     model = stage2.rebuild(choice.name, head).to(device)
     attrs = {"source": "stage-1 representation"}
@@ -231,12 +311,25 @@ def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head
         train_h = FeatureInput(train_rows, "pooled", device)
     val_h = FeatureInput(stage2.MemoryFeatures(stage2.representations(head, val_input), val_labels,
                                                "stage-1 val representation", attrs), "pooled", device)
+    # Scored on the same representation as stage 2, so equal models score exactly equal.
+    stage1_score = metrics.selection_score(predict(stage2.Stage1Classifier(head), val_h), val_labels, multilabel)
     if loss_fn is None:
-        return model, stage2.choose_tau(model, val_h, val_labels, multilabel)
-    stage_logger = (lambda row: logger(dict(row, stage=2))) if logger is not None else None
-    result = train(stage2.OnRepresentation(head, model.adjuster), loss_fn, SAMPLERS.get(choice.sampler), train_h,
-                   val_h, val_labels, cfg, seed, multilabel, num_classes, device, stage_logger)
-    return model, {"best_epoch": result.best_epoch, "val_score": result.best_score}
+        summary = stage2.choose_tau(model, val_h, val_labels, multilabel)
+    else:
+        stage_logger = (lambda row: logger(dict(row, stage=2))) if logger is not None else None
+        result = train(stage2.OnRepresentation(head, model.adjuster), loss_fn, SAMPLERS.get(choice.sampler),
+                       train_h, val_h, val_labels, cfg, seed, multilabel, num_classes, device, stage_logger,
+                       desc=f"stage 2 {choice.name}")
+        summary = {"best_epoch": result.best_epoch, "val_score": result.best_score,
+                   "loss_diverged": loss_diverged(result)}
+    kept = summary["val_score"] >= stage1_score
+    summary.update(stage1_val_score=stage1_score, kept=kept)
+    if not kept:
+        print(f"WARNING: stage 2 {choice.name} validates worse than the stage-1 head (validation score "
+              f"{summary['val_score']:.4f} < {stage1_score:.4f}): the saved model is the stage-1 head, "
+              f"without {choice.name} (`stage2_kept: false` in metrics/train/metrics.json).")
+        return head, summary
+    return model, summary
 
 
 @dataclass
@@ -298,18 +391,29 @@ def fit(params: Params, prepared: manifest.Prepared, choice: RunChoice, logger=N
     val_input = FeatureInput(val_feats, head.input, device)
     if trainable(head):
         result = train(head, loss_fn, SAMPLERS.get(choice.sampler), train_input, val_input, val_feats.labels, cfg,
-                       seed, multilabel, prepared.num_classes, device, logger)
+                       seed, multilabel, prepared.num_classes, device, logger, desc=f"train {choice.head}")
     else:
         result = fit_without_gradients(head, train_feats, val_input, val_feats.labels, multilabel)
     summary = {"best_epoch": result.best_epoch, "val_score": result.best_score}
     print(f"trained {choice.head} with {choice.loss}: best validation score {result.best_score:.4f} "
           f"at epoch {result.best_epoch}")
-    model = head
+    model, kept_score = head, result.best_score
+    diverged = [reason for reason in [loss_diverged(result)] if reason]
     if second is not None:
         model, extra = train_stage2(second, second_loss, head, train_input, val_input, val_feats.labels, cfg, seed,
                                     multilabel, prepared.num_classes, device, logger)
-        print(f"stage 2 {second.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in extra.items()))
-        summary.update({f"stage2_{k}": v for k, v in extra.items()})
+        method = {k: v for k, v in extra.items() if k in ("best_epoch", "tau")}
+        print(f"stage 2 {second.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in method.items())
+              + f", validation score {extra['val_score']:.4f} (stage 1: {extra['stage1_val_score']:.4f})"
+              + ("" if extra["kept"] else "; not kept"))
+        summary.update({f"stage2_{k}": v for k, v in method.items()})
+        summary.update(stage2_val_score=extra["val_score"], stage2_kept=extra["kept"])
+        if extra["kept"]:
+            kept_score = extra["val_score"]
+        if extra.get("loss_diverged"):
+            diverged.append(f"stage 2 {second.name}: {extra['loss_diverged']}")
+    summary.update(check_outcome(kept_score, val_feats.labels, multilabel, diverged,
+                                 cfg.lr if trainable(head) or second is not None else None))
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return model, summary
 
@@ -322,9 +426,18 @@ def run_stage(params: Params, logger=None) -> Dict:
     task = "multi" if check_task(params, prepared) else "single"
     choice = validate_choice(params.str("head"), params.str("loss"), params.str("sampler"),
                              stage2.Stage2Choice.from_params(params, task), params.int("seed", minimum=0), task)
+    # Validate-only: `evaluate.posthoc` is used by `evaluate` alone (and is not a dependency of
+    # train), but a choice that cannot apply to this task must fail before training, not after it.
+    check_posthoc(params, task == "multi")
     model, summary = fit(params, prepared, choice, logger)
     run = choice.identity()
-    heads.save_checkpoint(paths.HEAD_CHECKPOINT, model, choice.head, run, stage2=run["stage2"],
+    saved_stage2 = run["stage2"]
+    if choice.second is not None:
+        # The run (eval.json) keeps the method asked for and says whether it was kept; the
+        # checkpoint's `stage2` says what the saved model is.
+        run["stage2_kept"] = summary["stage2_kept"]
+        saved_stage2 = run["stage2"] if summary["stage2_kept"] else "none"
+    heads.save_checkpoint(paths.HEAD_CHECKPOINT, model, choice.head, run, stage2=saved_stage2,
                           **{k: v for k, v in summary.items() if k != "seconds"})
     print(f"training took {summary['seconds']:.1f}s")
     return summary

@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,31 @@ def test_loss_class_counts_come_from_the_cached_training_rows():
     np.testing.assert_array_equal(class_counts(np.array([0, 2, 2, 2]), 4), [1, 0, 3, 0])
     multi = np.array([[1, 0, 1], [1, 1, 0]], dtype=np.uint8)
     np.testing.assert_array_equal(class_counts(multi, 3), [2, 1, 1])
+
+
+def test_training_shows_per_epoch_progress_with_the_validation_score(tiny_features, tiny_prepared, capfd,
+                                                                      monkeypatch):
+    from ltpipe import training
+
+    monkeypatch.setitem(training.PROGRESS_INTERVAL, "log", 0.0)  # redraw at every epoch, as a terminal would
+    capfd.readouterr()
+    _, result = _train(tiny_features, tiny_prepared, seed=0, epochs=3)
+    out, err = capfd.readouterr()
+    assert "epoch" not in out  # progress goes to stderr, stdout stays for results and warnings
+    # One draw per epoch (closing the bar draws the last one again), each with that epoch's numbers.
+    shown = {re.search(r"(\d)/3", part).group(1): part for part in err.replace("\n", "\r").split("\r")
+             if "val " in part}
+    assert sorted(shown) == ["1", "2", "3"], err
+    for epoch, row in enumerate(result.history, start=1):
+        part = shown[str(epoch)]
+        assert part.strip().startswith("train:")
+        assert f"val {row['val_score']:.4f}" in part and f"loss {row['train_loss']:.4g}" in part
+
+
+def test_progress_in_a_log_redraws_at_most_every_half_minute(tiny_features, tiny_prepared, capfd):
+    capfd.readouterr()
+    _train(tiny_features, tiny_prepared, seed=0, epochs=5)
+    err = capfd.readouterr().err
+    # Not a terminal: the bar's first draw and its final state only (a run under 30 s).
+    assert len([part for part in err.replace("\n", "\r").split("\r") if part.startswith("train:")]) == 2, err
+    assert "5/5" in err

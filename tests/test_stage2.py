@@ -137,14 +137,40 @@ def test_marc_norms_survive_save_and_load(tmp_path):
 def test_tau_norm_picks_the_best_validation_tau():
     head, model, summary, val_in, val_labels = run("tau_norm")
     h = torch.nn.functional.normalize(torch.from_numpy(val_in.features.pooled), dim=-1)
-    weight = head.classifier.weight.detach()
+    weight, bias = head.classifier.weight.detach(), head.classifier.bias.detach()
     scores = {}
-    for tau in metrics.TAU_GRID:  # brute force: w_c / ||w_c||^tau, no bias
-        logits = (h @ (weight / weight.norm(dim=1, keepdim=True) ** tau).T).numpy()
+    for tau in metrics.TAU_GRID:  # brute force: w_c / ||w_c||^tau, the stage-1 bias kept
+        logits = (h @ (weight / weight.norm(dim=1, keepdim=True) ** tau).T + bias).numpy()
         scores[tau] = metrics.selection_score(logits, val_labels, False)
     assert summary["tau"] == max(scores, key=lambda t: (scores[t], -t))
     assert summary["val_score"] == pytest.approx(scores[summary["tau"]])
     assert float(model.adjuster.tau) == pytest.approx(summary["tau"])
+
+
+def test_tau_norm_at_zero_is_the_stage1_head_exactly():
+    head, _, val_in, _ = stage1()
+    with torch.no_grad():
+        head.classifier.bias.copy_(torch.tensor([2.0, 1.0, 0.0, -1.0, -2.0]))  # a bias that matters
+    model = stage2.rebuild("tau_norm", stage2.frozen_copy(head))
+    model.adjuster.tau.fill_(0.0)
+    torch.testing.assert_close(torch.from_numpy(predict(model, val_in)), torch.from_numpy(predict(head, val_in)),
+                               rtol=0, atol=0)
+    model.adjuster.tau.fill_(1.0)  # tau = 1: unit-norm weights, the same bias
+    h = torch.nn.functional.normalize(torch.from_numpy(val_in.features.pooled), dim=-1)
+    weight = head.classifier.weight.detach()
+    expected = h @ (weight / weight.norm(dim=1, keepdim=True)).T + head.classifier.bias.detach()
+    torch.testing.assert_close(torch.from_numpy(predict(model, val_in)), expected)
+
+
+@pytest.mark.parametrize("name", ["crt", "marc", "tau_norm"])
+def test_stage2_better_than_stage1_is_kept(name, capsys):
+    # The stage-1 head is biased towards the head classes (weights x3, see stage1); re-balancing
+    # on the long-tailed clusters beats it on the balanced validation split.
+    head, model, summary, val_in, val_labels = run(name, epochs=10)
+    assert summary["kept"] is True and summary["val_score"] >= summary["stage1_val_score"]
+    assert isinstance(model, stage2.TwoStageHead)
+    assert summary["stage1_val_score"] == metrics.selection_score(predict(head, val_in), val_labels, False)
+    assert "WARNING" not in capsys.readouterr().out
 
 
 def test_tau_norm_refuses_a_cosine_head():
@@ -160,12 +186,16 @@ def test_stage2_choice_from_params():
     assert choose({"stage2": "none"}) is None
     choice = choose({"stage2": "crt", "stage2_methods": {"crt": {"loss": "bsm"}}})
     assert (choice.loss, choice.sampler) == ("bsm", "class_balanced")
-    assert (choose({"stage2": "tau_norm"}, "multi").loss is None)  # trains nothing: no loss to check
+    assert choose({"stage2": "tau_norm"}).loss is None  # trains nothing: no loss to check
+    with pytest.raises(ConfigError, match=r"`stage2: tau_norm` cannot change a multi-label model's mAP"):
+        choose({"stage2": "tau_norm"}, "multi")
+    assert choose({"stage2": "crt"}, "multi").loss == "bce"  # ce's multi-label counterpart
     with pytest.raises(ConfigError, match=r"stage2.*'crtt'.*crt, disalign, lws, marc, none, tau_norm"):
         choose({"stage2": "crtt"})
     with pytest.raises(ConfigError, match=r"`stage2_methods.crt.loss` is 'foo'; .* use one of: bsm, cb"):
         choose({"stage2": "crt", "stage2_methods": {"crt": {"loss": "foo"}}})
-    with pytest.raises(ConfigError, match=r"`stage2_methods.marc.loss` is 'grw'; for this multi-label task"):
+    with pytest.raises(ConfigError, match=r"`stage2_methods.marc.loss` is 'grw'; for this multi-label task.*"
+                                          r"\(e.g. `-S stage2_methods.marc.loss=asl`\)"):
         choose({"stage2": "marc"}, "multi")
     with pytest.raises(ConfigError, match=r"`stage2_methods.lws.sampler` is 'cbs'; valid: class_balanced"):
         choose({"stage2": "lws", "stage2_methods": {"lws": {"sampler": "cbs"}}})
@@ -223,7 +253,8 @@ def test_iterations_replace_epochs():
 
     class Counting(torch.nn.Module):
         def forward(self, logits, target):
-            calls.append(len(target))
+            if logits.requires_grad:  # a training step (not the all-zero logits of the final check)
+                calls.append(len(target))
             return torch.nn.functional.cross_entropy(logits, target)
 
     result = train(head, Counting(), SAMPLERS.get("instance"), train_in, val_in, val_labels,
@@ -260,7 +291,8 @@ def test_ldam_drw_switches_on_by_step_also_with_iterations():
     match_head_to_loss(head, ldam, "ldam")
     active = []
     forward = ldam.forward
-    ldam.forward = lambda logits, target: (active.append(ldam.drw_active), forward(logits, target))[1]
+    ldam.forward = lambda logits, target: (logits.requires_grad and active.append(ldam.drw_active),
+                                           forward(logits, target))[1]
     # 324 images, batch 25: 13 steps an epoch; 20 iterations = 2 epochs, DRW from step round(0.8 * 20) = 16.
     train(head, ldam, SAMPLERS.get("instance"), train_in, val_in, val_labels,
           TrainConfig(epochs=1, batch_size=25, iterations=20, warmup_epochs=0), 0, False, len(COUNTS), CPU)

@@ -47,7 +47,7 @@ from ltpipe.features.extract import AugmentedViews, ImageFiles, Workers
 from ltpipe.paths import atomic_target
 from ltpipe.runtime import autocast, data_loader_kwargs, load_tensors
 from ltpipe.samplers import class_members
-from ltpipe.training import OPTIMIZERS, build_optimizer, warmup_cosine
+from ltpipe.training import OPTIMIZERS, build_optimizer, progress_bar, warmup_cosine
 
 # Embeddings and learned prompt vectors are exempt from weight decay, as are biases and norms.
 NO_DECAY = ("positional_embedding", "class_embedding", "prompts.tokens", "head.context")
@@ -277,6 +277,8 @@ def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, la
     trainable = [p for p in model.parameters() if p.requires_grad]
     started, first_step = time.perf_counter(), step
     last = {"loss": resume.saved.get("loss"), "val_score": resume.saved.get("val_score")}
+    bar = progress_bar(plan.total_steps, f"finetune ({plan.epochs} epochs)", unit="step", initial=step,
+                       disable=workers.rank > 0)
     while step < plan.total_steps:
         epoch, offset = divmod(step, plan.steps_per_epoch)
         order = sampler(members, len(labels), seed, epoch)
@@ -307,6 +309,7 @@ def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, la
                 torch.distributed.all_reduce(step_loss)  # each share is already weighted by its images
             step_loss = float(step_loss)
             if not math.isfinite(step_loss):
+                bar.close()
                 # Every process sees the same reduced loss, so all stop here together.
                 raise TrainingError(
                     f"the fine-tuning loss became {step_loss} at step {step}. Lower `finetune.train.lr` / `head_lr` "
@@ -335,6 +338,10 @@ def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, la
                     log_step({"step": step, "epoch": epoch, "val_score": last["val_score"]})
             if step % cfg.checkpoint_every == 0 or step == plan.total_steps:
                 resume.save(step, model, optimizer, schedule, scaler, ema, device, **last)
+            shown = "" if last["val_score"] is None else f", val {last['val_score']:.4f}"
+            bar.set_postfix_str(f"epoch {epoch}, loss {step_loss:.4g}{shown}", refresh=False)
+            bar.update()
+    bar.close()
     if ema is not None:
         ema.swap()  # the average is the model kept
     seconds = time.perf_counter() - started
