@@ -1,7 +1,8 @@
 """The `report` stage: the sweep's cells aggregated per method (mean ± std over seeds, the
 best of each metric marked) into ``metrics/summary.json``, ``.md`` and ``.csv`` (plotted by
-`dvc plots`). Only the cells the current `sweep` lists name are read, so files of cells
-removed from the lists never leak in.
+`dvc plots`), and the few numbers `dvc exp show` tabulates, ``metrics/sweep_best.json``.
+Only the cells the current `sweep` lists name are read, so files of cells removed from the
+lists never leak in.
 """
 
 import json
@@ -17,6 +18,10 @@ from ltpipe.errors import ConfigError, DataError
 SINGLE_KEYS = ("top1", "top5", "balanced_acc", "many", "medium", "few", "macro_f1", "nll", "ece")
 MULTI_KEYS = ("mAP", "mAP_head", "mAP_medium", "mAP_tail", "CF1", "OF1")
 LOWER_IS_BETTER = frozenset({"nll", "ece"})
+# The sweep's headline metrics (overall and tail): `metrics/sweep_best.json`, the only sweep
+# numbers DVC tabulates (every method x metric of summary.json would be a column in `dvc exp show`).
+HEADLINE = {"single": ("top1", "few"), "multi": ("mAP", "mAP_tail")}
+SWEEP_BEST = paths.METRICS_DIR / "sweep_best.json"
 
 
 def cell_name(head: str, loss: str, seed: int) -> str:
@@ -47,6 +52,16 @@ def aggregate(cells: Sequence[Dict], keys: Sequence[str]) -> Dict:
             sign = -1 if key in LOWER_IS_BETTER else 1
             best[key] = max(scored, key=lambda item: sign * item[1])[0]
     return {"methods": table, "best": best}
+
+
+def best_of(summary: Dict, keys: Sequence[str]) -> Dict:
+    """Per metric in ``keys``: the best method and its mean over seeds (``None`` when no method
+    has a value)."""
+    best = {}
+    for key in keys:
+        method = summary["best"].get(key)
+        best[key] = {"method": method, "mean": summary["methods"][method][key]["mean"] if method else None}
+    return best
 
 
 def markdown(summary: Dict, keys: Sequence[str]) -> str:
@@ -107,7 +122,8 @@ def run_report(params: Params) -> Dict:
     paths.METRICS_DIR.mkdir(parents=True, exist_ok=True)
     paths.SUMMARY.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     paths.SUMMARY.with_suffix(".md").write_text(markdown(summary, keys))
-    main, tail = ("mAP", "mAP_tail") if multilabel else ("top1", "few")
+    main, tail = HEADLINE[summary["task"]]
+    SWEEP_BEST.write_text(json.dumps(best_of(summary, (main, tail)), indent=2) + "\n")
     pd.DataFrame([{"method": m, "score": row[main]["mean"], "tail_score": row[tail]["mean"],
                    "score_std": row[main]["std"]} for m, row in summary["methods"].items()]).to_csv(
         paths.SUMMARY.with_suffix(".csv"), index=False)

@@ -2,10 +2,12 @@
 evaluated on the cached features, one metrics file per cell (the `sweep` matrix stage;
 ``ltpipe.report`` compares them).
 
-A cell trains ``head`` with ``loss`` and ``seed`` using the main experiment's `sampler`
-and `train` settings; two-stage methods and post-hoc adjustment belong to the main
-experiment. A loss that has no variant for the dataset's task (``ce`` on COCO-LT) gives
-a cell marked ``skipped`` with the reason, so one sweep list serves both tasks.
+A cell trains ``head`` with ``loss`` and ``seed`` using the sweep's own `sweep.sampler`
+and `sweep.train` (the options of `heads.<head>` and `losses.<loss>` are shared with the
+main experiment), so changing the main experiment's `train` or `sampler` re-runs no cell.
+Two-stage methods and post-hoc adjustment belong to the main experiment. A loss that has
+no variant for the dataset's task (``ce`` on COCO-LT) gives a cell marked ``skipped``
+with the reason, so one sweep list serves both tasks.
 """
 
 import json
@@ -22,6 +24,14 @@ from ltpipe.runtime import resolve_device
 from ltpipe.training import fit, validate_choice
 
 
+class SweepParams(Params):
+    """The parameters as a cell reads them: the training schedule from `sweep.train`, so
+    ``training.fit`` (which reads `train`) trains the cell with the sweep's own section."""
+
+    def sub(self, key: str) -> Params:
+        return super().sub("sweep.train" if key == "train" else key)
+
+
 def run_cell(params: Params, head: str, loss: str, seed: int) -> Dict:
     """Train and evaluate one cell; write ``metrics/sweep/<head>-<loss>-<seed>.json``."""
     prepared = manifest.load(paths.PREPARED_DIR)
@@ -35,8 +45,8 @@ def run_cell(params: Params, head: str, loss: str, seed: int) -> Dict:
         (paths.SWEEP_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
         print(f"sweep {name}: skipped ({payload['skipped']})")
         return payload
-    choice = validate_choice(head, loss, params.str("sampler"), None, seed, task)
-    model, _ = fit(params, prepared, choice)
+    choice = validate_choice(head, loss, params.str("sweep.sampler"), None, seed, task)
+    model, _ = fit(SweepParams(params.data, params.source), prepared, choice)
     device = resolve_device(params.str("model.device"))
     test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
     check_features(test, prepared)

@@ -41,10 +41,12 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     momentum: float = 0.9
     iterations: Optional[int] = None  # optimiser steps; when set, replaces `epochs`
+    key: str = "train"  # the params.yaml section read (sweep cells: `sweep.train`), for messages
 
     @classmethod
     def from_params(cls, section: Params) -> "TrainConfig":
         return cls(
+            key=section.prefix,
             epochs=section.int("epochs", minimum=1),
             batch_size=section.int("batch_size", minimum=1),
             optimizer=section.str("optimizer", choices=OPTIMIZERS),
@@ -140,8 +142,8 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     if warmup_steps >= total_steps:
-        print(f"WARNING: the warm-up ({warmup_steps} steps, `train.warmup_epochs`) covers all {total_steps} "
-              "training steps: the learning rate never reaches `train.lr` nor decays.")
+        print(f"WARNING: the warm-up ({warmup_steps} steps, `{cfg.key}.warmup_epochs`) covers all {total_steps} "
+              f"training steps: the learning rate never reaches `{cfg.key}.lr` nor decays.")
     optimizer = make_optimizer(head, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
     ema = None
@@ -171,7 +173,7 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
             if not torch.isfinite(loss):
                 bar.close()  # ends the bar's line before the error's
                 raise TrainingError(
-                    f"the training loss became {loss.item()} at epoch {epoch}. Lower `train.lr` (now {cfg.lr}) "
+                    f"the training loss became {loss.item()} at epoch {epoch}. Lower `{cfg.key}.lr` (now {cfg.lr}) "
                     "or check the feature cache for NaN values.")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -236,13 +238,13 @@ def loss_diverged(result: TrainResult) -> Optional[str]:
 
 
 def check_outcome(score: float, val_labels: np.ndarray, multilabel: bool, diverged: List[str],
-                  lr: Optional[float]) -> Dict:
+                  lr: Optional[float], lr_key: str = "train.lr") -> Dict:
     """Did the kept model learn anything? Prints a WARNING when its validation ``score`` is not
     above chance (``metrics.chance_score``) or a training loss diverged; returns the flags the
     training summary records."""
     chance = metrics.chance_score(val_labels, multilabel)
     above = metrics.above_chance(score, chance)
-    fix = (f"lower `train.lr` (now {lr:g}), or check the features and labels" if lr is not None
+    fix = (f"lower `{lr_key}` (now {lr:g}), or check the features and labels" if lr is not None
            else "check the features and labels (`dvc repro -f extract`)")
     if not above:
         what = "mAP" if multilabel else "balanced accuracy"
@@ -413,7 +415,7 @@ def fit(params: Params, prepared: manifest.Prepared, choice: RunChoice, logger=N
         if extra.get("loss_diverged"):
             diverged.append(f"stage 2 {second.name}: {extra['loss_diverged']}")
     summary.update(check_outcome(kept_score, val_feats.labels, multilabel, diverged,
-                                 cfg.lr if trainable(head) or second is not None else None))
+                                 cfg.lr if trainable(head) or second is not None else None, f"{cfg.key}.lr"))
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return model, summary
 

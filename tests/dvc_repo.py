@@ -20,6 +20,7 @@ SMALL = {
     "train": dict(epochs=4),
     "extract": dict(workers=0),
     "sweep": dict(heads=["cosine"], losses=["ce", "bsm"], seeds=[0, 1]),
+    "sweep.train": dict(epochs=4),
     "finetune.train": dict(epochs=1, batch_size=16, micro_batch=16, workers=0, warmup_epochs=0),
 }
 

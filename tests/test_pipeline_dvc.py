@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from tests import dvc_repo
 
@@ -37,10 +38,25 @@ def test_plots_render(repo, tmp_path):
     dvc_repo.run(repo, "dvc", "plots", "show", "-o", str(tmp_path / "plots"))
     page = (tmp_path / "plots/index.html").read_text()
     assert '"scale": {"type": "log"}' in page  # per-class score against training count
-    for name in ("eval_reliability.csv", "eval_confusion.csv", "summary.csv", "loss.tsv"):
-        assert name in page, name
+    # Plots are drawn under their titles; file names show only in the legend of an overlay.
+    for title in ("Reliability diagram", "Confusion matrix", "Sweep: test score per method", "Training loss per epoch"):
+        assert title in page, title
+    assert "eval_reliability.csv" in page and "zeroshot_reliability.csv" in page
     confusion = (repo / "metrics/eval_confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 1 + 6 * 6  # 6 classes x 6 test images
+
+
+def test_plots_show_draws_the_titled_plots_with_data(repo):
+    # Only the top-level plots of dvc.yaml, each with its rows, title and axis names (issue 15).
+    definitions = {name: spec for entry in yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+                   for name, spec in entry.items()}
+    shown = json.loads(dvc_repo.run(repo, "dvc", "plots", "show", "--json").stdout)
+    assert not shown.get("errors") and set(shown["data"]) == set(definitions) and len(definitions) == 6
+    for name, (rendered,) in shown["data"].items():
+        assert rendered["content"]["data"]["values"], f"plot {name} is empty"
+        spec = json.dumps(rendered["content"])
+        for key in ("title", "x_label", "y_label"):
+            assert json.dumps(definitions[name][key]) in spec, f"plot {name} does not show its {key}"
 
 
 def test_sweep_reports_every_loss_over_seeds(repo):
@@ -67,14 +83,11 @@ def test_adding_a_loss_to_the_sweep_runs_only_its_cells(repo):
     assert summary["methods"]["cosine/la"]["top1"] == summary["methods"]["cosine/bsm"]["top1"]
     dvc_repo.run(repo, "git", "checkout", "--", ".")
     dvc_repo.run(repo, "dvc", "checkout", "--force")
-    # Back on the baseline, the files of the removed cells are still there (DVC never deletes
-    # outputs of stages that no longer exist): the report ignores them, but they change its
-    # folder dependency, so it re-runs, once; `git clean` removes them (see README).
-    assert dvc_repo.stages_run(dvc_repo.run(repo, "dvc", "repro").stdout) == ["report"]
+    # Back on the baseline, `dvc checkout` has deleted the removed cells' files (cached outputs
+    # DVC placed, now of no stage), so the report's folder is the baseline's: nothing re-runs.
+    assert not list((repo / "metrics/sweep").glob("cosine-la-*.json"))
+    assert dvc_repo.stages_run(dvc_repo.run(repo, "dvc", "repro").stdout) == []
     assert json.loads((repo / "metrics/summary.json").read_text())["methods"].keys() == {"cosine/ce", "cosine/bsm"}
-    dvc_repo.run(repo, "git", "clean", "-fq", "metrics/sweep")
-    dvc_repo.run(repo, "git", "checkout", "--", ".")
-    dvc_repo.run(repo, "dvc", "checkout", "--force")
 
 
 def test_second_repro_runs_nothing(repo):

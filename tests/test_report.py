@@ -66,6 +66,11 @@ def test_run_report_reads_only_the_listed_cells(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "metrics/summary.json").read_text())["best"]["few"] == "cosine/bsm"
     csv = (tmp_path / "metrics/summary.csv").read_text().splitlines()
     assert csv[0] == "method,score,tail_score,score_std" and csv[1].startswith("cosine/ce,0.52")
+    # The only sweep numbers `dvc exp show` tabulates: the best method of top-1 (a tie at 0.52,
+    # the first listed wins) and of the few-shot group (0.25 vs 0.12), with its mean over seeds.
+    best = json.loads((tmp_path / "metrics/sweep_best.json").read_text())
+    assert best == {"top1": {"method": "cosine/ce", "mean": pytest.approx(0.52)},
+                    "few": {"method": "cosine/bsm", "mean": pytest.approx(0.25)}}
 
 
 def test_bad_sweep_lists_are_clear_errors(tmp_path, monkeypatch):
@@ -86,3 +91,5 @@ def test_a_sweep_with_every_cell_skipped_gives_an_empty_summary(tmp_path, monkey
     summary = report.run_report(Params({"sweep": {"heads": ["cosine"], "losses": ["ce"], "seeds": [0]}}))
     assert summary["methods"] == {} and summary["task"] == "multi" and len(summary["skipped"]) == 1
     assert (tmp_path / "metrics/summary.md").read_text().startswith("| method | seeds | mAP |")
+    assert json.loads((tmp_path / "metrics/sweep_best.json").read_text()) == {
+        "mAP": {"method": None, "mean": None}, "mAP_tail": {"method": None, "mean": None}}
