@@ -27,6 +27,7 @@ state) untouched.
 """
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -291,9 +292,11 @@ def _attr(value):
 
 def write_text(path: Path, embeddings: np.ndarray, per_template: np.ndarray, prompts: Sequence[Sequence[str]],
                classnames: Sequence[str], attrs: Dict) -> None:
-    needed = (embeddings.size + per_template.size) * 4
-    with _disk_full_reported_once(), atomic_target(path, needed=needed) as partial, \
-            h5py.File(partial, "w", libver=("earliest", "v110")) as fh:
+    """Build the (small) file in memory, then write its bytes: a full disk then fails a plain
+    file write, never an HDF5 flush, which would leave the library holding a half-closed file
+    (and crash the interpreter at exit)."""
+    image = io.BytesIO()
+    with h5py.File(image, "w", libver=("earliest", "v110")) as fh:
         fh.create_dataset("embeddings", data=embeddings.astype(np.float32))
         fh.create_dataset("per_template", data=per_template.astype(np.float32))
         fh.create_dataset("prompts", data=np.asarray([list(p) for p in prompts], dtype=object),
@@ -303,6 +306,9 @@ def write_text(path: Path, embeddings: np.ndarray, per_template: np.ndarray, pro
             fh.attrs[key] = _attr(value)
         record_checksums(fh)
         fh.attrs["complete"] = True
+    data = image.getvalue()
+    with atomic_target(path, needed=len(data)) as partial:
+        Path(partial).write_bytes(data)
 
 
 # ---------------------------------------------------------------- reading

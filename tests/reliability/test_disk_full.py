@@ -12,6 +12,7 @@ resume from them to files byte-identical to an uninterrupted run's.
 import contextlib
 import hashlib
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 from ltpipe.data.manifest import build
 from ltpipe.errors import DiskFullError, LtpipeError
 from ltpipe.features import extract
-from tests.conftest import make_source
+from tests.conftest import REPO, make_source
 
 FILES = ("train.h5", "val.h5", "test.h5", "text.h5")
 OPTIONS = dict(batch_size=3, workers=0, checkpoint_every=3)  # train: 3 shards of 3 images
@@ -149,3 +150,44 @@ def test_disk_full_names_the_file_keeps_shards_and_resumes(case, reference, tiny
     assert got == want
     assert not list((tmp_path / "partial").rglob("*.npz")), "shards are removed once assembled"
 
+
+
+# A stage that hits a full disk must exit like any refused input (status 2, one `ltpipe error:`
+# line), not crash while the interpreter exits: an HDF5 file whose final flush failed stayed open
+# inside the library and segfaulted the process at exit (text.h5 on a full tmpfs).
+WRITE_TEXT = """
+import sys
+import numpy as np
+from ltpipe.errors import main_guard
+from ltpipe.features import store
+
+@main_guard
+def main():
+    rng = np.random.default_rng(0)
+    store.write_text(sys.argv[1], rng.standard_normal((64, 512)), rng.standard_normal((64, 4, 512)),
+                     [["a photo of a c%d." % i] * 4 for i in range(64)], ["c%d" % i for i in range(64)],
+                     {"logit_scale": 100.0})
+
+main()
+"""
+
+
+def test_a_stage_that_fills_the_disk_exits_with_one_line(tmp_path):
+    where = tmp_path / "features"
+    with small_filesystem(where, 64 * 1024):
+        done = subprocess.run([sys.executable, "-c", WRITE_TEXT, str(where / "text.h5")], capture_output=True,
+                              text=True, cwd=REPO, timeout=120)
+        leftovers = sorted(p.name for p in where.iterdir())
+    assert done.returncode == 2, f"exit status {done.returncode}:\n{done.stderr[-2000:]}"
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ltpipe error: disk full: cannot write"), lines
+    assert "text.h5" in lines[0] and leftovers == []
+
+
+def test_the_process_that_met_a_full_disk_exits_cleanly():
+    """The text.h5 case above, alone in a fresh interpreter: before text.h5 was built in memory,
+    its test passed and the interpreter then died at exit (status 139)."""
+    case = f"{Path(__file__)}::test_disk_full_names_the_file_keeps_shards_and_resumes[text_h5_tmpfs]"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", case],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, f"exit status {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-1500:]}"
