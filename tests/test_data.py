@@ -280,3 +280,15 @@ def test_prepare_defaults_in_params_yaml_match_the_options():
     defaults = {f.name: f.default for f in dataclasses.fields(PrepareOptions)}
     assert {k: written[k] for k in ("allow_links_outside_root", "drop_classes_without_training")} == \
         {k: defaults[k] for k in ("allow_links_outside_root", "drop_classes_without_training")}
+
+
+def test_list_written_with_backslashes_prepares(tmp_path):
+    """Windows-written lists (`imgs\\a.jpg`) are normalised before any check, the wrong-root sample included."""
+    source = _lists(tmp_path, "imgs\\c.jpg 0\nimgs\\d.jpg 1\n", test="imgs\\e.jpg 1\n")
+    (source.root / "imgs").mkdir()
+    for name in ("c.jpg", "d.jpg", "e.jpg"):
+        (source.root / "imgs" / name).write_bytes(b"x")
+    (tmp_path / "val.txt").write_text("imgs\\f.jpg 0\n")
+    (source.root / "imgs" / "f.jpg").write_bytes(b"x")
+    prepared = build(source)
+    assert prepared.split("train")["path"].tolist() == ["imgs/c.jpg", "imgs/d.jpg"]

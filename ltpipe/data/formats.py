@@ -38,9 +38,9 @@ PROMPT_FIXES = {"diningtable": "dining table", "pottedplant": "potted plant", "t
 
 # CLIP's curated ImageNet names (open_clip's IMAGENET_CLASSNAMES, from OpenAI's prompt-engineering
 # notebook) name two pairs of classes alike: 657/744 "missile" and 836/837 "sunglasses"
-# (openai/CLIP#235, #465). Equal prompts give equal text embeddings, so zero-shot could never
-# predict the second of each pair. The second names use WordNet's first lemma of the synset
-# instead, as imagenet-simple-labels and Hugging Face's imagenet-1k do.
+# (openai/CLIP#235, #465). Equal prompts give equal text embeddings, so zero-shot can never
+# predict the second of each pair; they are kept as published (zero-shot parity with CLIP's
+# figures) and warned about (check_distinct_prompts).
 
 # Class-name files are small (iNat-2018's 8,142 classes: 1.4 MB); a larger one is not one.
 MAX_CLASSNAMES_BYTES = 64 * 2**20

@@ -291,8 +291,10 @@ def _check_root_sample(source: DatasetSource, options: PrepareOptions) -> None:
     samples = {}
     for path in source.lists.values():
         if path is not None:
-            samples[path] = [rel for rel, _ in read_list(path, source.multilabel, max_entries=ROOT_SAMPLE)
-                             if not (os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/"))]
+            # Normalised as _check_paths does, so lists written with backslashes are sampled as read.
+            sample = [posixpath.normpath(rel.replace("\\", "/"))
+                      for rel, _ in read_list(path, source.multilabel, max_entries=ROOT_SAMPLE)]
+            samples[path] = [rel for rel in sample if not (os.path.isabs(rel) or ".." in rel.split("/"))]
     lost = {path: sample for path, sample in samples.items()
             if sample and not any(os.path.exists(os.path.join(root, rel)) for rel in sample)}
     if options.on_bad_image == "skip" and len(lost) < len(samples):

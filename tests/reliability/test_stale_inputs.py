@@ -207,3 +207,41 @@ def test_dvc_remedy(fault, tmp_path):
     assert (repo / "data/features/train.h5").read_bytes() != before["data/features/train.h5"]
     assert train.paths[:4] == [rel for rel, _ in TRAIN[:4]]
     assert (repo / "metrics/zeroshot.json").read_bytes() != before["metrics/zeroshot.json"]
+
+
+# The stat cache only saves time: whatever goes wrong with it, prepare hashes without it (one
+# WARNING), and the hashes are the same. An image that cannot be read is one DataError naming it.
+def cache_parent_is_a_file(tmp_path):
+    (tmp_path / "partial").write_text("not a folder")
+    return tmp_path / "partial" / "prepare-hashes.sqlite"
+
+
+def cache_is_not_a_database(tmp_path):
+    cache = tmp_path / "prepare-hashes.sqlite"
+    cache.write_bytes(b"\x00garbage" * 512)
+    return cache
+
+
+def cache_is_a_folder(tmp_path):
+    (tmp_path / "prepare-hashes.sqlite").mkdir()
+    return tmp_path / "prepare-hashes.sqlite"
+
+
+CACHE_FAULTS = {f.__name__: f for f in (cache_parent_is_a_file, cache_is_not_a_database, cache_is_a_folder)}
+
+
+@pytest.mark.parametrize("fault", list(CACHE_FAULTS), ids=list(CACHE_FAULTS))
+def test_a_broken_stat_cache_never_stops_prepare(fault, tmp_path, capsys):
+    source = _dataset(tmp_path / "data")
+    rels = sorted(str(p.relative_to(source.root)) for p in source.root.rglob("*.png"))
+    expected = [hashlib.sha256((source.root / rel).read_bytes()).hexdigest() for rel in rels]
+    hashes, stats = fingerprint.hash_files(source.root, rels, CACHE_FAULTS[fault](tmp_path))
+    assert hashes == expected and stats.read == len(rels)
+    out = capsys.readouterr().out
+    assert (fault == "cache_is_not_a_database") == ("WARNING" not in out), out  # a damaged cache is replaced
+
+
+def test_an_image_that_cannot_be_read_is_named(tmp_path):
+    source = _dataset(tmp_path / "data")
+    with pytest.raises(DataError, match=r"cannot read image .*gone\.png to record its content hash"):
+        fingerprint.hash_files(source.root, ["gone.png"], None)
