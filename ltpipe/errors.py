@@ -115,19 +115,27 @@ class DvcWatcher:
     blocks and atomic writers clean up and DataLoader workers are shut down; a stage that has
     not ended ``STOP_GRACE_S`` later exits at once."""
 
-    def __init__(self, dvc_process, alive: bool):
-        self.dvc_pid = dvc_process.pid if dvc_process is not None else None
-        self.fired = threading.Event()
+    # Set before the watcher interrupts the main thread, which may then be anywhere, even still
+    # inside start_if_under_dvc: main_guard tells this stop from a user's Ctrl-C by it.
+    fired = threading.Event()
+
+    def __init__(self, dvc_process):
+        self.dvc_pid = dvc_process.pid
         self._main = threading.main_thread().ident
         self._dvc_process = dvc_process
-        self._alive = alive
 
     @classmethod
     def start_if_under_dvc(cls) -> "Optional[DvcWatcher]":
+        """Watch the DVC process that started this stage, if any; when DVC is already gone, stop
+        at once (no thread, no signal: nothing has started yet)."""
         found = dvc_ancestor()
         if found is None:
             return None
-        watcher = cls(*found)
+        process, alive = found
+        if not alive:
+            _say_stopping(None)
+            sys.exit(STOPPED_STATUS)
+        watcher = cls(process)
         if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
             # A stage started in the background by a script ignores SIGINT; the watcher stops it with one.
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -135,11 +143,9 @@ class DvcWatcher:
         return watcher
 
     def _watch(self) -> None:
-        while self._alive and _is_alive(self._dvc_process):
+        while _is_alive(self._dvc_process):
             time.sleep(DVC_WATCH_INTERVAL_S)
-        which = f" (pid {self.dvc_pid})" if self.dvc_pid else ""
-        print(f"ltpipe error: the dvc process that started this stage{which} exited; stopping so a re-run "
-              "does not collide with this one.", file=sys.stderr, flush=True)
+        _say_stopping(self.dvc_pid)
         self.fired.set()
         # A signal to the main thread, not _thread.interrupt_main(): it also breaks a blocking wait.
         signal.pthread_kill(self._main, signal.SIGINT)
@@ -151,20 +157,26 @@ ERROR_STATUS = 2
 STOPPED_STATUS = 143  # as if the stage itself had received the SIGTERM sent to dvc
 
 
+def _say_stopping(dvc_pid: Optional[int]) -> None:
+    which = f" (pid {dvc_pid})" if dvc_pid else ""
+    print(f"ltpipe error: the dvc process that started this stage{which} exited; stopping so a re-run "
+          "does not collide with this one.", file=sys.stderr, flush=True)
+
+
 def main_guard(func):
     """Run a stage entry point; turn :class:`LtpipeError` into a clean exit, and stop the stage
     when the DVC process that started it dies (see :class:`DvcWatcher`)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        watcher = DvcWatcher.start_if_under_dvc()
         try:
+            DvcWatcher.start_if_under_dvc()
             return func(*args, **kwargs)
         except LtpipeError as exc:
             print(f"ltpipe error: {user_message(exc)}", file=sys.stderr)
             sys.exit(ERROR_STATUS)
         except KeyboardInterrupt:
-            if watcher is None or not watcher.fired.is_set():
+            if not DvcWatcher.fired.is_set():
                 raise
             sys.exit(STOPPED_STATUS)
 
