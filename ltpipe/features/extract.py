@@ -33,7 +33,7 @@ from ltpipe.config import Params
 from ltpipe.data import manifest
 from ltpipe.data.images import UnusableImage, read_rgb
 from ltpipe.data.manifest import Prepared
-from ltpipe.errors import ConfigError, DataError
+from ltpipe.errors import ConfigError, DataError, DiskFullError
 from ltpipe.features import models, store
 from ltpipe.runtime import autocast, data_loader_kwargs, resolve_device, resolve_precision
 
@@ -275,12 +275,17 @@ def _save_shard(path: Path, pooled: np.ndarray, tokens: Optional[np.ndarray], ba
     arrays = {"pooled": pooled, "bad_rows": bad_rows, "bad_errors": bad_errors}
     if tokens is not None:
         arrays["tokens"] = tokens
-    finished = len(list(path.parent.glob("*.npz")))
-    kept = (f"The {finished} shard(s) finished before it in {path.parent} are kept: the re-run resumes from them."
-            if finished else "")
-    with paths.atomic_target(path, needed=sum(a.nbytes for a in arrays.values()), kept=kept) as partial, \
-            open(partial, "wb") as fh:
-        np.savez(fh, **arrays)
+    needed = sum(a.nbytes for a in arrays.values())
+    try:
+        with paths.atomic_target(path, needed=needed) as partial, open(partial, "wb") as fh:
+            np.savez(fh, **arrays)
+    except DiskFullError:
+        # Counted only when it is said: listing the folder at every save would cost O(shards^2).
+        finished = len(list(path.parent.glob("*.npz")))
+        if not finished:
+            raise
+        raise paths.disk_full_error(path, needed, f"The {finished} shard(s) finished before it in {path.parent} are "
+                                    "kept: the re-run resumes from them.") from None
 
 
 def _extract_shard(model, tap: Optional["TokenTap"], dataset: Dataset, rows: range, options: ExtractOptions,
