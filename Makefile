@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 # Stage commands in dvc.yaml call `python`: put the environment's first on PATH.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test test-fast lint clean
+.PHONY: setup run test test-fast test-part lint clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# One part of the suite by marker expression (markers: pyproject.toml): make test-part PART="reliability and not slow"
+test-part: setup
+	@test -n '$(PART)' || { echo 'usage: make test-part PART=<marker expression>, e.g. PART=realdata'; exit 2; }
+	$(BIN)/python -m pytest -q -m '$(PART)'
 
 lint: setup
 	$(BIN)/ruff check ltpipe stages tests bench

@@ -8,7 +8,8 @@ outputs are checked equal. Default head sizes (dim 128) and the paper's (dim 204
 8 heads of 512, FFN 2048). Each configuration runs in its own process so peak memory
 is its own.
 
-Run: .venv/bin/python bench/cprfl.py   (about 5 minutes on 2 cores)
+Run: .venv/bin/python bench/cprfl.py [--record]   (about 5 minutes on 2 cores; --record: write the figures to
+     docs/results.md)
 """
 
 import argparse
@@ -21,6 +22,11 @@ import time
 import torch
 
 from ltpipe.heads.cprfl import CPRFLHead
+
+try:  # `python bench/<name>.py` puts bench/ on sys.path, `python -m bench.<name>` the repository
+    import results
+except ImportError:
+    from bench import results
 
 TOKENS, WIDTH, TEXT, BATCH = 197, 768, 512, 32
 SIZES = {"default": dict(dim=128, heads=4, head_dim=32, ffn=128),
@@ -54,6 +60,7 @@ def one(classes: int, size: str, mode: str, repeats: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--one", nargs=4)
+    parser.add_argument("--record", action="store_true", help="write the figures to docs/results.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.one:
@@ -61,6 +68,7 @@ def main():
         print(json.dumps(one(int(classes), size, mode, int(repeats))))
         return
     print(f"CPRFL head, forward + backward, batch {BATCH}, {TOKENS} tokens of width {WIDTH} (ViT-B/16 14x14 grid)")
+    measured = []
     for size, classes, repeats in (("default", 80, 5), ("default", 1000, 3), ("paper", 80, 2), ("paper", 1000, 1)):
         rows = {}
         for mode in ("prompt-only", "full"):
@@ -68,6 +76,7 @@ def main():
                                  capture_output=True, text=True)
             if out.returncode:
                 print(f"  {size} {classes} {mode}: FAILED {out.stderr[-500:]}")
+                measured.append((f"{size} size, {classes:,} classes, {mode}", "FAILED"))
                 break
             rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         if len(rows) < 2:
@@ -77,6 +86,13 @@ def main():
         print(f"  {size:7s} ({SIZES[size]['dim']:4d}-d) {classes:5,d} classes: prompt-only {p['seconds']:6.2f} s, "
               f"peak {p['peak_gib']:.2f} GiB; full layer {f['seconds']:6.2f} s, peak {f['peak_gib']:.2f} GiB; "
               f"x{f['seconds'] / p['seconds']:.2f} faster; same logits: {same}")
+        measured.append((f"CPRFL head, forward + backward, batch {BATCH}, {TOKENS} tokens of width {WIDTH}: "
+                         f"{size} size (dim {SIZES[size]['dim']}), {classes:,} classes; prompt rows only (ltpipe) "
+                         "vs the whole layer (official code)", f"{p['seconds']:.2f} vs {f['seconds']:.2f} s "
+                         f"(x{f['seconds'] / p['seconds']:.1f}), peak {p['peak_gib']:.2f} vs {f['peak_gib']:.2f} GiB; "
+                         f"logits equal: {same}"))
+    if args.record:
+        results.record(results.section_key(__file__), "python bench/cprfl.py", measured)
 
 
 if __name__ == "__main__":

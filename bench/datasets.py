@@ -5,17 +5,24 @@
 2. The image scan rate (decode every image) on the real CIFAR-10-LT JPEGs in
    ../shared, with one process and with two, side by side.
 
-Run: .venv/bin/python bench/datasets.py
+Run: .venv/bin/python bench/datasets.py [--record]   (--record: write the figures to docs/results.md)
 """
 
+import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from ltpipe.data.formats import read_classnames, read_list
-from ltpipe.data.manifest import DatasetSource, PrepareOptions, build
+from ltpipe.data.manifest import build
 from ltpipe.data.scan import scan
+from ltpipe.data.source import DatasetSource, PrepareOptions
+
+try:  # `python bench/<name>.py` puts bench/ on sys.path, `python -m bench.<name>` the repository
+    import results
+except ImportError:
+    from bench import results
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-lt"
@@ -52,12 +59,14 @@ def bench_manifest(lines: int = 100_000, classes: int = 1000) -> None:
         n = len(prepared.manifest)
         print(f"manifest: {n:,} lines; parse only {parse_only:.2f} s, full prepare with existence checks "
               f"{full:.2f} s ({n / full:,.0f} lines/s); validation overhead x{full / parse_only:.1f}")
+        return [(f"`prepare` of a {n:,}-line list, every file's existence checked",
+                 f"{full:.2f} s ({n / full:,.0f} lines/s; parsing alone {parse_only:.2f} s)")]
 
 
 def bench_scan() -> None:
     if not CIFAR.is_dir():
         print(f"scan: skipped, {CIFAR} is absent")
-        return
+        return []
     paths = [rel for name in ("CIFAR10_LT_train.txt", "CIFAR10_LT_test.txt")
              for rel, _ in read_list(CIFAR / name, False)]
     root = CIFAR / "images"
@@ -68,9 +77,15 @@ def bench_scan() -> None:
     assert not one.bad and not two.bad
     print(f"scan: {len(paths):,} CIFAR-10-LT JPEGs (32x32); 1 process {len(paths) / t1:,.0f} img/s, "
           f"2 processes {len(paths) / t2:,.0f} img/s; ratio x{t1 / t2:.2f}")
+    return [(f"image scan of the {len(paths):,} real CIFAR-10-LT JPEGs (warm cache)",
+             f"{len(paths) / t1:,.0f} img/s with 1 process, {len(paths) / t2:,.0f} img/s with 2 (x{t1 / t2:.2f})")]
 
 
 if __name__ == "__main__":
-    bench_manifest()
-    bench_scan()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--record", action="store_true", help="write the figures to docs/results.md")
+    args = parser.parse_args()
+    rows = bench_manifest() + bench_scan()
+    if args.record:
+        results.record(results.section_key(__file__), "python bench/datasets.py", rows)
     sys.exit(0)

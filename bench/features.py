@@ -18,6 +18,7 @@ Run: .venv/bin/python bench/features.py   (about two minutes on 2 cores)
      .venv/bin/python bench/features.py --reads   (parts 3 and 4 only)
      .venv/bin/python bench/features.py --arch ViT-B-32 --every 48
          (part 1 only, a real-size architecture, randomly initialised, on every 48th CIFAR image)
+     Add --record to write the figures to this invocation's section of docs/results.md.
 """
 
 import argparse
@@ -32,10 +33,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ltpipe.data.manifest import DatasetSource, build
-from ltpipe.data.synthetic import SyntheticSpec, generate
+from ltpipe.data.manifest import build
+from ltpipe.data.source import DatasetSource
+from ltpipe.datasets.synthetic import SyntheticSpec, generate
 from ltpipe.features import extract, models, store
 from ltpipe.features.store import SplitFeatures
+
+try:  # `python bench/<name>.py` puts bench/ on sys.path, `python -m bench.<name>` the repository
+    import results
+except ImportError:
+    from bench import results
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-lt"
@@ -70,6 +77,12 @@ def compare_extraction(label, prepared, weights, work, batch_size=64):
     size = os.path.getsize(work / f"{label}.h5") / n
     print(f"bytes per image: pooled {pooled:,.0f} B {fh_shape(work / f'{label}.h5', 'pooled')}, "
           f"tokens {tokens:,.0f} B {fh_shape(work / f'{label}.h5', 'tokens')}, file {size:,.0f} B")
+    return [(f"extraction, {label} ({n:,} images, {weights.arch}, {size_px} px, batch {batch_size}): extract stage "
+             "vs a naive loop (open, preprocess, encode one image at a time)",
+             f"{n / staged:,.0f} vs {n / naive:,.0f} img/s (x{naive / staged:.2f})"),
+            (f"bytes on disk per image, {label}, {weights.arch}",
+             f"pooled {pooled:,.0f} B {fh_shape(work / f'{label}.h5', 'pooled')}, tokens {tokens:,.0f} B "
+             f"{fh_shape(work / f'{label}.h5', 'tokens')}, file {size:,.0f} B")]
 
 
 def fh_shape(path, name):
@@ -135,7 +148,7 @@ def compare_token_reads(work, rows=8000, draws=20):
         with h5py.File(path, "r") as fh:
             return fh["tokens"][np.sort(index)]
 
-    results = {}
+    timings = {}
     readers = (("memory map", memmap), ("pread per row", pread_rows), ("h5py per-row", per_row),
                ("h5py fancy index", fancy),
                ("ltpipe, 1st read (checked)", ltpipe_reader), ("ltpipe, later epoch", ltpipe_verified_before),
@@ -151,14 +164,17 @@ def compare_token_reads(work, rows=8000, draws=20):
         warm_start = time.perf_counter()
         for index in batches:
             read(index)
-        results[name] = (np.median(cold) * 1000, (time.perf_counter() - warm_start) / draws * 1000)
+        timings[name] = (np.median(cold) * 1000, (time.perf_counter() - warm_start) / draws * 1000)
     features.close()
     plain.close()
     print(f"random minibatch of 256 token grids (50x768 fp16) from a {mb:,.0f} MiB contiguous cache, "
           f"median of {draws}:")
-    base = results["memory map"][0]
-    for name, (cold, warm) in results.items():
+    base = timings["memory map"][0]
+    for name, (cold, warm) in timings.items():
         print(f"  {name:27s} cold {cold:7.1f} ms  warm {warm:6.1f} ms  (cold vs memory map x{cold / base:.2f})")
+    return [(f"random batch of 256 token grids (50x768 fp16) from a {mb:,.0f} MiB cache, pages dropped before each "
+             f"draw, median of {draws}: {name}", f"{cold:.1f} ms cold / {warm:.1f} ms warm")
+            for name, (cold, warm) in timings.items()]
 
 
 def write_cache(path, pooled, token_source=None, token_shape=None):
@@ -204,6 +220,7 @@ def compare_pooled_loads(work, rows=100_000, dim=512, repeats=5):
                ("SplitFeatures, no checksums", lambda: SplitFeatures(unchecked)))
     mb = rows * dim * 2 / 2**20
     print(f"loading pooled features, labels and paths ({rows:,} x {dim} fp16, {mb:,.0f} MiB), median of {repeats}:")
+    measured = []
     for name, read in readers:
         cold, warm = [], []
         for _ in range(repeats):
@@ -216,6 +233,9 @@ def compare_pooled_loads(work, rows=100_000, dim=512, repeats=5):
             read()
             warm.append(time.perf_counter() - start)
         print(f"  {name:27s} cold {np.median(cold) * 1000:7.1f} ms  warm {np.median(warm) * 1000:7.1f} ms")
+        measured.append((f"loading {rows:,} x {dim} pooled features with labels and paths, median of {repeats}: {name}",
+                         f"{np.median(cold) * 1000:.1f} ms cold / {np.median(warm) * 1000:.1f} ms warm"))
+    return measured
 
 
 COCO_MINI = REPO.parent / "shared" / "datasets" / "coco-lt-mini"
@@ -225,7 +245,7 @@ def compare_draft(weights, work):
     """Draft-mode decoding on real COCO JPEGs (about 640x480), tiny model (64 px input)."""
     if not COCO_MINI.is_dir():
         print(f"draft mode: skipped, {COCO_MINI} is absent")
-        return
+        return []
     model, preprocess, _ = models.load(weights, torch.device("cpu"))
     paths = [line.split()[0] for line in (COCO_MINI / "coco_lt_mini.txt").read_text().splitlines()]
     times = {}
@@ -240,6 +260,8 @@ def compare_draft(weights, work):
     n = len(paths)
     print(f"draft mode, {n} real COCO JPEGs (~640x480) into a 64 px model: off {n / times[False]:,.0f} img/s, "
           f"on {n / times[True]:,.0f} img/s; ratio x{times[False] / times[True]:.2f}")
+    return [(f"JPEG draft decoding, {n} real COCO images (~640x480) into the 64 px tiny model",
+             f"{n / times[False]:,.0f} img/s off, {n / times[True]:,.0f} img/s on (x{times[False] / times[True]:.2f})")]
 
 
 def cifar_sample(work, every):
@@ -256,32 +278,39 @@ def main():
     parser.add_argument("--arch", default="ltpipe-tiny", help="open_clip architecture (random init)")
     parser.add_argument("--every", type=int, default=6, help="use every n-th CIFAR-10-LT training image")
     parser.add_argument("--reads", action="store_true", help="parts 3 and 4 only (reading the cache)")
+    parser.add_argument("--record", action="store_true", help="write the figures to docs/results.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        if args.reads:
-            compare_token_reads(work)
-            compare_pooled_loads(work)
-            return
-        weights = models.resolve(args.arch, None, work / "weights", 0)
+        rows = measure(args, Path(tmp))
+    if args.record:
+        options = "--reads" if args.reads else ""
         if args.arch != "ltpipe-tiny":
-            if not CIFAR.is_dir():
-                raise SystemExit(f"{CIFAR} is absent")
-            compare_extraction("CIFAR-10-LT sample", cifar_sample(work, args.every), weights, work, batch_size=32)
-            return
-        lists = generate(SyntheticSpec(), work / "synthetic")
-        synthetic = build(DatasetSource("synthetic", work / "synthetic",
-                                        {s: work / "synthetic" / lists[s] for s in ("train", "val", "test")},
-                                        work / "synthetic" / lists["classnames"], False))
-        compare_extraction("embedded default", synthetic, weights, work)
-        if CIFAR.is_dir():
-            # every 6th image: 2,068 of 12,406
-            compare_extraction("CIFAR-10-LT sample", cifar_sample(work, args.every), weights, work)
-        else:
-            print(f"CIFAR-10-LT: skipped, {CIFAR} is absent")
-        compare_draft(weights, work)
-        compare_token_reads(work)
-        compare_pooled_loads(work)
+            options = f"--arch {args.arch} --every {args.every}"
+        elif args.every != 6 and not args.reads:
+            options = f"--every {args.every}"
+        results.record(results.section_key(__file__, options), f"python bench/features.py {options}".strip(), rows)
+
+
+def measure(args, work):
+    """Run the parts ``args`` select; the rows measured, for docs/results.md."""
+    if args.reads:
+        return compare_token_reads(work) + compare_pooled_loads(work)
+    weights = models.resolve(args.arch, None, work / "weights", 0)
+    if args.arch != "ltpipe-tiny":
+        if not CIFAR.is_dir():
+            raise SystemExit(f"{CIFAR} is absent")
+        return compare_extraction("CIFAR-10-LT sample", cifar_sample(work, args.every), weights, work, batch_size=32)
+    lists = generate(SyntheticSpec(), work / "synthetic")
+    synthetic = build(DatasetSource("synthetic", work / "synthetic",
+                                    {s: work / "synthetic" / lists[s] for s in ("train", "val", "test")},
+                                    work / "synthetic" / lists["classnames"], False))
+    rows = compare_extraction("embedded default", synthetic, weights, work)
+    if CIFAR.is_dir():
+        # every 6th image: 2,068 of 12,406
+        rows += compare_extraction("CIFAR-10-LT sample", cifar_sample(work, args.every), weights, work)
+    else:
+        print(f"CIFAR-10-LT: skipped, {CIFAR} is absent")
+    return rows + compare_draft(weights, work) + compare_token_reads(work) + compare_pooled_loads(work)
 
 
 if __name__ == "__main__":

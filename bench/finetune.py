@@ -10,6 +10,7 @@
    ``--epochs`` epochs of each fine-tuning mode (its measured epoch x epochs); the ratio.
 
 Run: .venv/bin/python bench/finetune.py   (about 3 minutes on 2 cores)
+     Add --record to write the figures to this invocation's section of docs/results.md.
 """
 
 import argparse
@@ -23,14 +24,20 @@ from pathlib import Path
 
 import torch
 
+try:  # `python bench/<name>.py` puts bench/ on sys.path, `python -m bench.<name>` the repository
+    import results
+except ImportError:
+    from bench import results
+
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("full", "partial", "bitfit", "vpt", "coop")
 BATCH = 32
 
 
 def setup(work: Path):
-    from ltpipe.data.manifest import DatasetSource, build, save
-    from ltpipe.data.synthetic import SyntheticSpec, generate
+    from ltpipe.data.manifest import build, save
+    from ltpipe.data.source import DatasetSource
+    from ltpipe.datasets.synthetic import SyntheticSpec, generate
     from ltpipe.features import models
 
     weights = models.resolve("ltpipe-tiny", None, work / "weights", 0)
@@ -55,16 +62,18 @@ def peak_rss_mib() -> float:
 
 
 def one_mode(mode_name: str, work: Path) -> dict:
-    from ltpipe import losses, metrics
+    from ltpipe import losses
+    from ltpipe.core.runtime import resolve_device, resolve_precision, seed_everything
+    from ltpipe.evaluation import metrics
     from ltpipe.features import models
-    from ltpipe.features.extract import ImageFiles, Workers
+    from ltpipe.features.extract import Workers
+    from ltpipe.features.image_files import ImageFiles
     from ltpipe.finetune import model as ft_model
     from ltpipe.finetune import modes
     from ltpipe.finetune.run import predict_images
     from ltpipe.finetune.train import FinetuneConfig, finetune
-    from ltpipe.runtime import resolve_device, resolve_precision, seed_everything
-    from ltpipe.samplers import SAMPLERS
-    from ltpipe.training import class_counts
+    from ltpipe.training.loop import class_counts
+    from ltpipe.training.samplers import SAMPLERS
 
     weights, prepared = load(work)
     device = resolve_device("auto")
@@ -104,11 +113,12 @@ def one_mode(mode_name: str, work: Path) -> dict:
 
 def cached_path(work: Path, epochs: int) -> dict:
     from ltpipe import heads, losses
+    from ltpipe.evaluation.inference import FeatureInput
     from ltpipe.features import extract, models
     from ltpipe.features.store import SplitFeatures
-    from ltpipe.inference import FeatureInput
-    from ltpipe.samplers import SAMPLERS
-    from ltpipe.training import TrainConfig, train
+    from ltpipe.training.loop import train
+    from ltpipe.training.samplers import SAMPLERS
+    from ltpipe.training.spec import TrainConfig
 
     cpu = torch.device("cpu")
     weights, prepared = load(work)
@@ -136,6 +146,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=10, help="epochs compared in part 2")
     parser.add_argument("--one")
     parser.add_argument("--work")
+    parser.add_argument("--record", action="store_true", help="write the figures to docs/results.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.one:
@@ -164,6 +175,22 @@ def main():
             tuned = row["epoch_seconds"] * args.epochs
             print(f"  {row['mode']:8s} {args.epochs} epochs {tuned:7.1f} s: x{tuned / total:.1f} the cached path "
                   f"(x{tuned / cached['training_seconds']:.0f} its training alone)")
+    if args.record:
+        measured = [(f"fine-tuning `{row['mode']}`, one epoch of the embedded default ({n:,} images, global batch "
+                     f"{BATCH}, 2 DataLoader workers, validation included), tiny model, one process per mode; peak "
+                     f"memory above the built model ({row['memory']})",
+                     f"{row['steps_per_second']:.2f} steps/s ({row['images_per_second']:.0f} img/s), "
+                     f"+{row['peak_mib_above_model']:.0f} MiB, {row['trainable']:,} trainable parameters")
+                    for row in rows]
+        fine_tuned = ", ".join(f"{row['mode']} {row['epoch_seconds'] * args.epochs:.0f} s "
+                               f"(x{row['epoch_seconds'] * args.epochs / total:.1f})" for row in rows)
+        measured.append((f"{args.epochs} epochs: the cached path (one extraction pass of train + val, "
+                         f"{cached['extraction_seconds']:.1f} s, then a cosine head, "
+                         f"{cached['training_seconds']:.1f} s) vs fine-tuning", fine_tuned))
+        options = " ".join(([f"--modes {args.modes}"] if args.modes != parser.get_default("modes") else [])
+                           + ([f"--epochs {args.epochs}"] if args.epochs != parser.get_default("epochs") else []))
+        results.record(results.section_key(__file__, options), f"python bench/finetune.py {options}".strip(),
+                       measured)
 
 
 if __name__ == "__main__":

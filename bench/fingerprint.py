@@ -1,13 +1,14 @@
 """What content hashes cost: prepare's hashing (with and without its stat cache) and
 extraction's check, next to reading and decoding the same JPEGs.
 
-    python -m bench.fingerprint [--images 2000] [--dir /tmp/ltpipe-bench-fingerprint]
+    python -m bench.fingerprint [--images 2000] [--dir /tmp/ltpipe-bench-fingerprint] [--record]
 
 Generates ``--images`` JPEGs of a realistic size (500 x 375, ~100 KB, like ImageNet's) once,
 then prints, in one run: each hashlib algorithm's throughput on those bytes; prepare's hashing
 against a plain read of the same files, with the page cache cold (pages dropped with
 ``posix_fadvise(DONTNEED)``) and warm; a re-run with the stat cache warm; and extraction's
-per-image hash against decoding the same bytes to RGB.
+per-image hash against decoding the same bytes to RGB. ``--record`` writes the figures to
+docs/results.md.
 """
 
 import argparse
@@ -22,6 +23,11 @@ import numpy as np
 from PIL import Image
 
 from ltpipe.data import fingerprint, images
+
+try:  # `python bench/<name>.py` puts bench/ on sys.path, `python -m bench.<name>` the repository
+    import results
+except ImportError:
+    from bench import results
 
 ALGORITHMS = ("md5", "sha1", "sha256", "blake2b")
 
@@ -59,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "ltpipe-bench-fingerprint")
+    parser.add_argument("--record", action="store_true", help="write the figures to docs/results.md")
     args = parser.parse_args()
     root = args.dir / "images"
     rels = make_jpegs(root, args.images)
@@ -67,9 +74,11 @@ def main() -> None:
     print(f"{len(rels)} JPEGs, 500 x 375, mean {total / len(rels) / 1e3:.0f} KB ({total / 1e6:.0f} MB)")
 
     print("\nhash throughput on these bytes (in memory):")
+    throughput = {}
     for name in ALGORITHMS:
         seconds = timed(lambda name=name: [hashlib.new(name, b).digest() for b in blobs])
-        print(f"  {name:8s} {total / seconds / 1e6:7.0f} MB/s")
+        throughput[name] = total / seconds / 1e6
+        print(f"  {name:8s} {throughput[name]:7.0f} MB/s")
 
     def plain_read():
         for rel in rels:
@@ -100,6 +109,20 @@ def main() -> None:
     print(f"\nextraction, per image: {images.HASH_NAME} {hash_s / len(blobs) * 1e3:.2f} ms, decode to RGB "
           f"{decode_s / len(blobs) * 1e3:.2f} ms: the check adds {hash_s / decode_s:.1%} to decoding "
           "(before the model's resize and forward pass)")
+    if args.record:
+        jpegs = f"{len(rels):,} JPEGs (500x375, {total / len(rels) / 1e3:.0f} KB)"
+        measured = [(f"hash throughput on {jpegs}, in memory",
+                     ", ".join(f"{name} {mb_s:,.0f} MB/s" for name, mb_s in throughput.items()))]
+        measured += [(f"prepare hashing vs plain read of {jpegs}, page cache {page_cache}",
+                      f"{hash_s:.2f} s vs {read_s:.2f} s ({hash_s / read_s:.2f}x), {len(rels) / hash_s:,.0f} files/s")
+                     for page_cache, read_s, hash_s in rows]
+        measured.append(("prepare re-run, stat cache warm", f"{rerun_s:.3f} s ({len(rels) / rerun_s:,.0f} files/s; "
+                                                            f"{rerun_s / rows[1][2]:.2f}x the warm hashing run)"))
+        measured.append(("extraction's check per image", f"{images.HASH_NAME} {hash_s / len(blobs) * 1e3:.2f} ms vs "
+                         f"decode {decode_s / len(blobs) * 1e3:.2f} ms: +{hash_s / decode_s:.1%} of decoding"))
+        options = f"--images {args.images}" if args.images != parser.get_default("images") else ""
+        results.record(results.section_key("fingerprint.py", options), f"python -m bench.fingerprint {options}".strip(),
+                       measured)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 
 Run: .venv/bin/python bench/heads.py            (about 10 minutes on 2 cores)
      .venv/bin/python bench/heads.py --part 2   (cached vs recompute only)
+     Add --record to write the figures to this invocation's section of docs/results.md.
 """
 
 import argparse
@@ -27,6 +28,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+
+try:  # `python bench/<name>.py` puts bench/ on sys.path, `python -m bench.<name>` the repository
+    import results
+except ImportError:
+    from bench import results
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, TRAIN, DIM, BATCH = 8142, 437_513, 512, 256
@@ -60,10 +66,11 @@ def write_cache(path: Path, rows: int, tokens: bool, rng) -> None:
 def one_head(name: str, work: Path) -> dict:
     """Run in a fresh process: time one head, report its peak memory."""
     from ltpipe import heads, losses
+    from ltpipe.evaluation.inference import FeatureInput, predict
     from ltpipe.features.store import SplitFeatures
-    from ltpipe.inference import FeatureInput, predict
-    from ltpipe.samplers import SAMPLERS
-    from ltpipe.training import TrainConfig, train
+    from ltpipe.training.loop import train
+    from ltpipe.training.samplers import SAMPLERS
+    from ltpipe.training.spec import TrainConfig
 
     torch.manual_seed(0)
     cpu = torch.device("cpu")
@@ -99,7 +106,7 @@ def one_head(name: str, work: Path) -> dict:
     return out
 
 
-def part_scale(work: Path, names) -> None:
+def part_scale(work: Path, names) -> list:
     rng = np.random.default_rng(0)
     write_cache(work / "pooled.h5", TRAIN, False, rng)
     write_cache(work / "tokens.h5", TOKEN_ROWS, True, rng)
@@ -107,33 +114,43 @@ def part_scale(work: Path, names) -> None:
     write_cache(work / "val_tokens.h5", 2048, True, rng)
     print(f"8,142 classes; {TRAIN:,} training rows of {DIM}-d pooled features (float32 in memory); decoder: "
           f"{TOKEN_ROWS:,} rows of {TOKENS}x{WIDTH} float16 tokens on disk; batch {BATCH}")
+    scale = f"{CLASSES:,} classes, {TRAIN:,} training rows, batch {BATCH}, one process per head"
+    rows = []
     for name in names:
         result = subprocess.run([sys.executable, __file__, "--one", name, "--work", str(work)],
                                 capture_output=True, text=True, cwd=REPO)
         if result.returncode:
             print(f"{name}: FAILED\n{result.stderr[-2000:]}")
+            rows.append((f"{name}, {scale}", "FAILED"))
             continue
         row = json.loads(result.stdout.strip().splitlines()[-1])
         if "seconds_per_step" in row:
             print(f"  {name:8s} {row['seconds_per_step'] * 1000:7.0f} ms/step, {row['seconds_per_epoch'] / 60:6.1f} "
                   f"min/epoch of {TRAIN:,} images; peak memory {row['peak_rss_gib']:.2f} GiB")
+            rows.append((f"{name}, {scale}", f"{row['seconds_per_step'] * 1000:.0f} ms/step "
+                         f"({row['seconds_per_epoch'] / 60:.1f} min/epoch), peak {row['peak_rss_gib']:.2f} GiB"))
         else:
             print(f"  {name:8s} fit {row['fit_seconds']:6.1f} s, predict {row['predict_rows']:,} images "
                   f"{row['predict_seconds']:6.1f} s; peak memory {row['peak_rss_gib']:.2f} GiB")
+            rows.append((f"{name}, {scale}", f"fits in {row['fit_seconds']:.1f} s, predicts {row['predict_rows']:,} "
+                         f"in {row['predict_seconds']:.1f} s, peak {row['peak_rss_gib']:.2f} GiB"))
+    return rows
 
 
-def part_recompute(work: Path, epochs: int = 10) -> None:
+def part_recompute(work: Path, epochs: int = 10) -> list:
     from torch.utils.data import DataLoader
 
     from ltpipe import heads, losses
-    from ltpipe.data.manifest import DatasetSource, build
-    from ltpipe.data.synthetic import SyntheticSpec, generate
+    from ltpipe.core.runtime import data_loader_kwargs
+    from ltpipe.data.manifest import build
+    from ltpipe.data.source import DatasetSource
+    from ltpipe.datasets.synthetic import SyntheticSpec, generate
+    from ltpipe.evaluation.inference import FeatureInput
     from ltpipe.features import extract, models
     from ltpipe.features.store import SplitFeatures
-    from ltpipe.inference import FeatureInput
-    from ltpipe.runtime import data_loader_kwargs
-    from ltpipe.samplers import SAMPLERS, class_members
-    from ltpipe.training import TrainConfig, make_optimizer, train
+    from ltpipe.training.loop import make_optimizer, train
+    from ltpipe.training.samplers import SAMPLERS, class_members
+    from ltpipe.training.spec import TrainConfig
 
     cpu = torch.device("cpu")
     weights = models.resolve("ltpipe-tiny", None, work / "weights", 0)
@@ -193,6 +210,10 @@ def part_recompute(work: Path, epochs: int = 10) -> None:
           f"ltpipe-tiny): recomputing the encoder {recomputed:.1f} s; cached {cached:.2f} s of training "
           f"(x{recomputed / cached:,.0f}), {cached + extraction:.1f} s with the one-off extraction "
           f"(x{recomputed / (cached + extraction):.1f})")
+    return [(f"cached features vs recomputing the frozen encoder every step, {epochs} epochs of a cosine head on the "
+             "embedded default, tiny model", f"recompute {recomputed:.1f} s; cached {cached:.2f} s of training "
+             f"(x{recomputed / cached:,.0f}), {cached + extraction:.1f} s including the one-off extraction "
+             f"(x{recomputed / (cached + extraction):.1f})")]
 
 
 def main():
@@ -201,17 +222,23 @@ def main():
     parser.add_argument("--heads", default="linear,cosine,decoder,zeroshot,knn,ncm", help="part 1: which heads")
     parser.add_argument("--one")
     parser.add_argument("--work")
+    parser.add_argument("--record", action="store_true", help="write the figures to docs/results.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.one:
         print(json.dumps(one_head(args.one, Path(args.work))))
         return
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in (None, 2):
-            part_recompute(Path(tmp) / "recompute")
+            rows += part_recompute(Path(tmp) / "recompute")
         if args.part in (None, 1):
             (Path(tmp) / "scale").mkdir()
-            part_scale(Path(tmp) / "scale", args.heads.split(","))
+            rows += part_scale(Path(tmp) / "scale", args.heads.split(","))
+    if args.record:
+        options = " ".join(([f"--part {args.part}"] if args.part else [])
+                           + ([f"--heads {args.heads}"] if args.heads != parser.get_default("heads") else []))
+        results.record(results.section_key(__file__, options), f"python bench/heads.py {options}".strip(), rows)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""DVC stage `evaluate`: parses params.yaml and calls `ltpipe.evaluation.run_evaluate`."""
+"""DVC stage `evaluate`: parses params.yaml and calls `ltpipe.evaluation.evaluate.run_evaluate`."""
 
-from ltpipe.config import Params
-from ltpipe.errors import main_guard
-from ltpipe.evaluation import run_evaluate
+from ltpipe.core.config import Params
+from ltpipe.core.errors import main_guard
+from ltpipe.evaluation.evaluate import run_evaluate
 
 
 @main_guard

@@ -7,8 +7,8 @@ from typing import List, Optional
 
 from dvclive import Live
 
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError, main_guard
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError, main_guard
 from ltpipe.finetune.run import run_stage, trim_log
 
 

@@ -1,8 +1,8 @@
-"""DVC stage `prepare`: parses params.yaml and calls `ltpipe.data.run_stage`."""
+"""DVC stage `prepare`: parses params.yaml and calls `ltpipe.datasets.prepare.run_stage`."""
 
-from ltpipe.config import Params
-from ltpipe.data import run_stage
-from ltpipe.errors import main_guard
+from ltpipe.core.config import Params
+from ltpipe.core.errors import main_guard
+from ltpipe.datasets.prepare import run_stage
 
 
 @main_guard

@@ -1,8 +1,8 @@
-"""DVC stage `report`: parses params.yaml and calls `ltpipe.report.run_report`."""
+"""DVC stage `report`: parses params.yaml and calls `ltpipe.evaluation.report.run_report`."""
 
-from ltpipe.config import Params
-from ltpipe.errors import main_guard
-from ltpipe.report import run_report
+from ltpipe.core.config import Params
+from ltpipe.core.errors import main_guard
+from ltpipe.evaluation.report import run_report
 
 
 @main_guard

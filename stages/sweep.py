@@ -1,10 +1,10 @@
-"""DVC matrix stage `sweep@<head>-<loss>-<seed>`: one cell, see ltpipe.sweep.run_cell."""
+"""DVC matrix stage `sweep@<head>-<loss>-<seed>`: one cell, see ltpipe.training.sweep.run_cell."""
 
 import sys
 
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError, main_guard
-from ltpipe.sweep import run_cell
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError, main_guard
+from ltpipe.training.sweep import run_cell
 
 
 @main_guard

@@ -1,11 +1,11 @@
-"""DVC stage `train`: see ltpipe.training.run_stage; per-epoch logs go to dvclive."""
+"""DVC stage `train`: see ltpipe.training.loop.run_stage; per-epoch logs go to dvclive."""
 
 from dvclive import Live
 
-from ltpipe.config import Params
-from ltpipe.errors import main_guard
-from ltpipe.paths import TRAIN_LOG_DIR
-from ltpipe.training import run_stage
+from ltpipe.core.config import Params
+from ltpipe.core.errors import main_guard
+from ltpipe.core.paths import TRAIN_LOG_DIR
+from ltpipe.training.loop import run_stage
 
 
 @main_guard

@@ -1,7 +1,7 @@
 """DVC stage `weights`: parses params.yaml and calls `ltpipe.features.models.run_stage`."""
 
-from ltpipe.config import Params
-from ltpipe.errors import main_guard
+from ltpipe.core.config import Params
+from ltpipe.core.errors import main_guard
 from ltpipe.features.models import run_stage
 
 

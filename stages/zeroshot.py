@@ -1,8 +1,8 @@
-"""DVC stage `zeroshot`: parses params.yaml and calls `ltpipe.evaluation.run_zeroshot`."""
+"""DVC stage `zeroshot`: parses params.yaml and calls `ltpipe.evaluation.evaluate.run_zeroshot`."""
 
-from ltpipe.config import Params
-from ltpipe.errors import main_guard
-from ltpipe.evaluation import run_zeroshot
+from ltpipe.core.config import Params
+from ltpipe.core.errors import main_guard
+from ltpipe.evaluation.zeroshot import run_zeroshot
 
 
 @main_guard

@@ -1,8 +1,8 @@
 import pytest
 
-from ltpipe.config import Params, load_yaml
-from ltpipe.errors import ConfigError
-from ltpipe.registry import Registry
+from ltpipe.core.config import Params, load_yaml
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.registry import Registry
 from tests.conftest import REPO
 
 

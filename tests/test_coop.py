@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from ltpipe.errors import ConfigError
+from ltpipe.core.errors import ConfigError
 from ltpipe.features import models
 from ltpipe.finetune.coop import CoOpHead
 from ltpipe.heads.zeroshot import ZeroShotHead

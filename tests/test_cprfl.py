@@ -3,15 +3,18 @@
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
-from ltpipe import heads, losses, metrics
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
-from ltpipe.heads.cprfl import CPRFLHead, PromptVSI
-from ltpipe.inference import FeatureInput, predict
-from ltpipe.samplers import SAMPLERS
-from ltpipe.stage2 import MemoryFeatures
-from ltpipe.training import TrainConfig, train
+from ltpipe import heads, losses
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
+from ltpipe.evaluation import metrics
+from ltpipe.evaluation.inference import FeatureInput, predict
+from ltpipe.heads.cprfl import PromptVSI
+from ltpipe.training.loop import train
+from ltpipe.training.samplers import SAMPLERS
+from ltpipe.training.spec import TrainConfig
+from ltpipe.training.stage2 import MemoryFeatures
 
 CPU = torch.device("cpu")
 
@@ -39,7 +42,8 @@ def test_the_layer_has_no_residual_connections():
 
 def test_prompts_get_gradient_through_both_paths():
     torch.manual_seed(0)
-    head = CPRFLHead(token_dim=24, text_dim=12, num_classes=6, dim=16, heads=2, head_dim=8, ffn=16, dropout=0.0)
+    head = heads.rebuild("cprfl", dict(token_dim=24, text_dim=12, num_classes=6, dim=16, heads=2, head_dim=8,
+                                       ffn=16, dropout=0.0))
     head.text.normal_()
     tokens, target = torch.randn(4, 9, 24), torch.randint(0, 2, (4, 6)).float()
 
@@ -62,7 +66,8 @@ def test_prompts_get_gradient_through_both_paths():
 def test_paper_preset_has_the_official_parameter_counts():
     # Counted from the official modules (reference report, section 1.4): VSI 41,957,376;
     # phi 4,196,352; PI 3,148,800 (ResNet-101 grid width 2048, CLIP-RN50 text width 1024).
-    head = CPRFLHead(token_dim=2048, text_dim=1024, num_classes=80, dim=2048, heads=8, head_dim=512, ffn=2048)
+    head = heads.rebuild("cprfl", dict(token_dim=2048, text_dim=1024, num_classes=80, dim=2048, heads=8,
+                                       head_dim=512, ffn=2048))
 
     def count(module):
         return sum(p.numel() for p in module.parameters())
@@ -70,15 +75,43 @@ def test_paper_preset_has_the_official_parameter_counts():
     assert (count(head.vsi), count(head.project), count(head.prompt_init)) == (41_957_376, 4_196_352, 3_148_800)
 
 
-def test_logits_are_dot_products_with_each_class_own_prompt():
+def paper_logits(state: dict, tokens: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """The CPRFL logits written out from the reference report's equations (../shared/reference/cprfl.md,
+    sections 1.2-1.5) on the head's raw weights, the way the official code runs the layer: all
+    ``T + C`` rows through it, the last ``C`` kept."""
+    def linear(x, name, bias=True):
+        return x @ state[f"{name}.weight"].T + (state[f"{name}.bias"] if bias else 0)
+
+    def layer_norm(x, name):
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5) * state[f"{name}.weight"] \
+            + state[f"{name}.bias"]
+
+    prompts = linear(F.gelu(linear(state["text"], "prompt_init.0")), "prompt_init.2")  # Eq. 2: P = PI(W)
+    z = torch.cat([linear(tokens, "project"), prompts.expand(tokens.shape[0], -1, -1)], dim=1)  # Eq. 1, [phi(F); P]
+    # VSI (Eqs. 3-5): one pre-LayerNorm layer, no residuals, softmax over all T + C keys.
+    q, k, v = (part.unflatten(-1, (heads, head_dim)).transpose(1, 2)  # [B, heads, T+C, head_dim]
+               for part in linear(layer_norm(z, "vsi.norm1"), "vsi.to_qkv", bias=False).chunk(3, dim=-1))
+    attention = torch.softmax(q @ k.transpose(-1, -2) / head_dim ** 0.5, dim=-1)  # scale per head, not per dim
+    attended = linear((attention @ v).transpose(1, 2).flatten(2), "vsi.to_out.0")
+    refined = linear(F.gelu(linear(layer_norm(attended, "vsi.norm2"), "vsi.ffn.0")), "vsi.ffn.3")
+    refined = refined[:, -prompts.shape[0]:]  # P': the category rows
+    return torch.einsum("bcd,cd->bc", refined, prompts)  # Eq. 6: <P'_i, P_i>, each class its own prompt
+
+
+@pytest.mark.parametrize("class_chunk", [256, 2])
+def test_logits_are_dot_products_with_each_class_own_prompt(class_chunk):
+    # Sizes where the usual slips change the numbers: attention width 2*6 differs from dim 8 and
+    # the scale head_dim^-0.5 from dim^-0.5; random norm weights and biases so each one counts.
     torch.manual_seed(0)
-    head = CPRFLHead(token_dim=8, text_dim=4, num_classes=3, dim=8, heads=2, head_dim=4, ffn=8).eval()
-    head.text.normal_()
-    tokens = torch.randn(2, 5, 8)
-    prompts = head.prompts()
-    refined = head.vsi(head.project(tokens), prompts)
-    expected = torch.stack([torch.stack([refined[b, i] @ prompts[i] for i in range(3)]) for b in range(2)])
-    torch.testing.assert_close(head(tokens), expected)
+    head = heads.rebuild("cprfl", dict(token_dim=5, text_dim=4, num_classes=3, dim=8, heads=2, head_dim=6, ffn=7,
+                                       dropout=0.1, tau=0.5, class_chunk=class_chunk, ema=0.0)).eval()
+    with torch.no_grad():
+        for value in head.state_dict().values():
+            value.normal_()
+    tokens = torch.randn(2, 6, 5)
+    expected = paper_logits({k: v.clone() for k, v in head.state_dict().items()}, tokens, heads=2, head_dim=6)
+    torch.testing.assert_close(head(tokens), expected, rtol=1e-5, atol=1e-5)
 
 
 def planted(num_classes=5, n=400, seed=0, tokens=12, width=16):
@@ -118,8 +151,8 @@ def fit(head, epochs=15, **cfg):
 def build_head(**options):
     torch.manual_seed(0)
     ctx = heads.HeadContext(5, 16, (12, 16), np.random.default_rng(2).standard_normal((5, 8)), 100.0)
-    return heads.build("cprfl", Params(dict(dim=32, heads=2, head_dim=16, ffn=32, **options),
-                                       prefix="heads.cprfl"), ctx)
+    return heads.build("cprfl", heads.HEADS.parse("cprfl", Params(dict(dim=32, heads=2, head_dim=16, ffn=32, **options),
+                                       prefix="heads.cprfl")), ctx)
 
 
 def test_cprfl_learns_a_multilabel_task():
@@ -138,7 +171,7 @@ def test_ema_weights_are_the_ones_validated_and_kept():
     def recording_build(*args, **kwargs):
         loss = original(*args, **kwargs)
         forward = loss.forward
-        loss.forward = lambda logits, target: (seen.append(
+        loss.forward = lambda logits, target: (logits.requires_grad and seen.append(  # training steps only
             {k: v.detach().clone() for k, v in head.state_dict().items()}), forward(logits, target))[1]
         return loss
 
@@ -147,11 +180,14 @@ def test_ema_weights_are_the_ones_validated_and_kept():
         fit(head, epochs=3)
     finally:
         losses.build = original
-    after_first_step = seen[1]  # weights the second step starts from
+    # The average starts from the initial weights, as the official code's ModelEma (a deep copy of
+    # the model before training); until issue 16 it started from the weights after the first step.
+    initial = seen[0]  # weights the first step starts from
     final_raw = seen[-1]
     for key, value in head.state_dict().items():
-        torch.testing.assert_close(value, after_first_step[key], rtol=0, atol=1e-4)
-    assert any(not torch.allclose(final_raw[k], after_first_step[k], atol=1e-3) for k in final_raw)
+        torch.testing.assert_close(value, initial[key], rtol=0, atol=1e-4)
+    assert any(not torch.allclose(final_raw[k], initial[k], atol=1e-3) for k in final_raw)
+    assert any(not torch.equal(seen[1][k], initial[k]) for k in initial)  # the first step moved them
 
 
 def test_cprfl_needs_tokens_and_text():

@@ -4,9 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ltpipe.data.manifest import DatasetSource, build, group_of, load, save
-from ltpipe.data.synthetic import SyntheticSpec, class_names, generate, long_tailed_counts
-from ltpipe.errors import DataError
+from ltpipe.core.errors import DataError
+from ltpipe.data.manifest import build, group_of, load, save
+from ltpipe.data.source import DatasetSource
+from ltpipe.datasets.synthetic import SyntheticSpec, class_names, generate, long_tailed_counts
 from tests.conftest import TINY, make_source
 
 
@@ -100,7 +101,7 @@ def test_missing_images_are_counted_and_named(tmp_path):
 
 
 def test_missing_images_skipped_on_request_are_reported(tmp_path):
-    from ltpipe.data.manifest import PrepareOptions
+    from ltpipe.data.source import PrepareOptions
 
     prepared = build(_lists(tmp_path, "a.jpg 0\nnope1.jpg 1\nc.jpg 1\n"), PrepareOptions(on_bad_image="skip"))
     assert prepared.split("train")["path"].tolist() == ["a.jpg", "c.jpg"]
@@ -142,7 +143,7 @@ def _per_class(entries, num_classes):
 def test_single_label_carve_is_proportional(counts, fraction):
     """round(fraction * N) images (half up), each class giving floor or ceil of its share
     fraction * n_c; the classes rounded up are those with the largest remainders."""
-    from ltpipe.data.manifest import carve_validation
+    from ltpipe.data.validation_split import carve_validation
 
     rest, val = carve_validation(_single(counts), len(counts), fraction, 0, multilabel=False)
     taken = _per_class(val, len(counts))
@@ -153,7 +154,7 @@ def test_single_label_carve_is_proportional(counts, fraction):
 
 
 def test_single_label_carve_by_hand():
-    from ltpipe.data.manifest import carve_validation
+    from ltpipe.data.validation_split import carve_validation
 
     # 0.1 * 155 = 15.5 -> 16; shares 10, 4, 1, 0.4, 0.1: the one left over goes to the class of 4.
     _, val = carve_validation(_single([100, 40, 10, 4, 1]), 5, 0.1, 0, False)
@@ -168,7 +169,7 @@ def test_multilabel_carve_on_small_data_is_proportional(tmp_path_factory, fracti
     """The issue's case: about 100 multi-label training images, where fractions 0.1, 0.2 and 0.25
     carved 0, 8 and 41 (40 %)."""
     from ltpipe.data.formats import read_list
-    from ltpipe.data.manifest import carve_validation
+    from ltpipe.data.validation_split import carve_validation
 
     source = make_source(tmp_path_factory.mktemp("ml"), multilabel=True, classes=8, max_per_class=30, imbalance=10)
     train = read_list(source.lists["train"], True)
@@ -181,7 +182,7 @@ def test_multilabel_carve_on_small_data_is_proportional(tmp_path_factory, fracti
 
 
 def test_carve_is_determined_by_the_seed():
-    from ltpipe.data.manifest import carve_validation
+    from ltpipe.data.validation_split import carve_validation
 
     train = _single([9, 7, 5, 5, 3, 2])
     assert carve_validation(train, 6, 0.2, 3, False) == carve_validation(train, 6, 0.2, 3, False)
@@ -189,7 +190,7 @@ def test_carve_is_determined_by_the_seed():
 
 
 def test_carve_is_reported(tmp_path):
-    from ltpipe.data.manifest import PrepareOptions
+    from ltpipe.data.source import PrepareOptions
 
     source = _lists(tmp_path, "a.jpg 0\n")
     root = source.root
@@ -209,7 +210,7 @@ def test_carve_is_reported(tmp_path):
 
 
 def test_multilabel_classes_without_training_are_dropped_on_request(tmp_path):
-    from ltpipe.data.manifest import PrepareOptions
+    from ltpipe.data.source import PrepareOptions
 
     root = tmp_path / "root"
     root.mkdir()
@@ -242,7 +243,7 @@ def test_multilabel_classes_without_training_are_dropped_on_request(tmp_path):
 
 
 def test_single_label_class_without_training_is_refused_even_with_the_drop_option(tmp_path):
-    from ltpipe.data.manifest import PrepareOptions
+    from ltpipe.data.source import PrepareOptions
 
     with pytest.raises(DataError, match=r"1 \(dog\).*multi-label data only"):
         build(_lists(tmp_path, "a.jpg 0\nc.jpg 0\n"), PrepareOptions(drop_classes_without_training=True))
@@ -273,7 +274,7 @@ def test_prepare_defaults_in_params_yaml_match_the_options():
 
     import yaml
 
-    from ltpipe.data.manifest import PrepareOptions
+    from ltpipe.data.source import PrepareOptions
     from tests.conftest import REPO
 
     written = yaml.safe_load((REPO / "params.yaml").read_text())["prepare"]

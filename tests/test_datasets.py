@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ltpipe.config import Params
-from ltpipe.data import DATASETS, cifar, prepare
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError, DataError
 from ltpipe.data.formats import curated_prompts, read_classnames
-from ltpipe.data.manifest import DatasetSource, PrepareOptions, build, carve_validation
-from ltpipe.data.registry import BENCHMARKS
-from ltpipe.errors import ConfigError, DataError
+from ltpipe.data.manifest import build
+from ltpipe.data.source import DatasetSource, PrepareOptions
+from ltpipe.data.validation_split import carve_validation
+from ltpipe.datasets import cifar
+from ltpipe.datasets.prepare import prepare
+from ltpipe.datasets.registry import BENCHMARKS, DATASETS
 
 PREPARE = {"scan_images": False, "on_bad_image": "fail", "workers": 0, "val_fraction": 0.1, "split_seed": 0}
 
@@ -62,6 +65,7 @@ def make_tree(root, num_classes, multilabel, with_val, names_file, names_format,
     write_names(root / names_file, names_format, num_classes)
 
 
+# The files of each benchmark's published layout, written here independently of the registry's defaults.
 DEFAULT_LISTS = {
     "imagenet_lt": ("ImageNet_LT_{}.txt", "classnames.txt"),
     "places_lt": ("Places_LT_{}.txt", "classnames.txt"),
@@ -80,9 +84,8 @@ def test_benchmark_in_its_published_format(tmp_path, name):
     if name == "inat18":
         lists["test"] = "iNaturalist18_val.txt"  # iNat-2018's val list is the test set
     make_tree(tmp_path / "root", spec.classes, spec.multilabel, with_val, names_file, spec.names_format, lists)
-    section = {"root": str(tmp_path / "root"), "train_list": lists["train"],
-               "val_list": lists["val"] if with_val else None, "test_list": lists["test"], "classnames": names_file}
-    prepared = prepare(params(name, section), tmp_path / "out")
+    # Only `root`: the default list and class-name files must be the published layout's.
+    prepared = prepare(params(name, {"root": str(tmp_path / "root")}), tmp_path / "out")
     assert prepared.num_classes == spec.classes
     assert prepared.multilabel == spec.multilabel
     report = json.loads((tmp_path / "out/report.json").read_text())
@@ -178,6 +181,12 @@ def test_unset_root_is_a_config_error(tmp_path):
     section = {"root": None, "train_list": "t.txt", "val_list": None, "test_list": "x.txt", "classnames": "c.txt"}
     with pytest.raises(ConfigError, match=r"`datasets.places_lt.root` is not set"):
         prepare(params("places_lt", section), tmp_path)
+
+
+def test_a_benchmark_without_its_section_asks_for_the_root(tmp_path):
+    bare = Params({"dataset": "imagenet_lt", "datasets": {}, "prepare": PREPARE})
+    with pytest.raises(ConfigError, match=r"`datasets.imagenet_lt.root` is not set"):
+        prepare(bare, tmp_path)
 
 
 def test_unknown_dataset_lists_names(tmp_path):

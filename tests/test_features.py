@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ltpipe.errors import ConfigError, DataError, WeightsError, user_message
+from ltpipe.core.errors import ConfigError, DataError, WeightsError, user_message
 from ltpipe.features import extract, models
 from ltpipe.features.store import SplitFeatures, TextFeatures
 
@@ -169,7 +169,8 @@ def _with_corrupt_images(tmp_path, tiny_source, corrupt):
     """A copy of the tiny dataset where image ``i`` of each ``(split, i)`` in ``corrupt`` is garbage."""
     import shutil
 
-    from ltpipe.data.manifest import DatasetSource, build
+    from ltpipe.data.manifest import build
+    from ltpipe.data.source import DatasetSource
 
     root = tmp_path / "data"
     shutil.copytree(tiny_source.root, root)

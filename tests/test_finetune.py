@@ -13,18 +13,19 @@ import torch
 import yaml
 
 from ltpipe import losses
-from ltpipe.config import Params
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.runtime import seed_everything
 from ltpipe.data import manifest
-from ltpipe.errors import ConfigError
 from ltpipe.features import models
-from ltpipe.features.extract import ImageFiles, Workers
+from ltpipe.features.extract import Workers
+from ltpipe.features.image_files import ImageFiles
 from ltpipe.finetune import model as ft_model
 from ltpipe.finetune import modes
 from ltpipe.finetune.run import trim_log
-from ltpipe.finetune.train import FinetuneConfig, Plan, finetune, micro_batches, param_groups
-from ltpipe.runtime import seed_everything
-from ltpipe.samplers import SAMPLERS
-from ltpipe.training import class_counts
+from ltpipe.finetune.train import FinetuneConfig, finetune, micro_batches, param_groups, plan_run
+from ltpipe.training.loop import class_counts
+from ltpipe.training.samplers import SAMPLERS
 from tests import dvc_repo
 
 FINETUNE = {"epochs": 2, "batch_size": 16, "micro_batch": 16, "checkpoint_every": 2, "workers": 0,
@@ -52,7 +53,7 @@ def build(mode_name: str, head: str = "cosine", section=None):
     weights = models.ResolvedWeights.load("data/weights/weights.json")
     clip_model, preprocess, tokenizer = models.load(weights, torch.device("cpu"))
     prepared = manifest.load("data/prepared")
-    mode = modes.build(mode_name, section)
+    mode = modes.build(mode_name, modes.MODES.parse(mode_name, section))
     model = ft_model.build_model(clip_model, tokenizer, mode, head, None, prepared.classes["prompt"].tolist(),
                                  "pre_ln", "single", torch.device("cpu"), "fp32")
     return model, clip_model, preprocess, prepared
@@ -130,6 +131,26 @@ def test_modes_refuse_what_they_cannot_do(inside):
         modes.build("lora", None)
 
 
+def test_vit_only_modes_refuse_a_resnet_and_name_the_modes_that_fit_it():
+    resnet = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    for name in ("partial", "vpt"):
+        with pytest.raises(ConfigError, match=rf"mode '{name}' needs a ViT.*Sequential. Use `bitfit` or `full` with"):
+            modes.build(name).apply(resnet)
+    for name in ("full", "bitfit", "coop"):
+        modes.build(name).apply(resnet)
+
+
+def test_modes_rebuild_from_saved_kwargs_and_read_their_sections():
+    # A checkpoint saves `mode.kwargs`; one without an option (an older version's) takes its default.
+    assert modes.rebuild("coop", {"context": 2}).kwargs == {"context": 2, "init": "a photo of a"}
+    assert modes.rebuild("partial", {}).kwargs == {"blocks": 2} and modes.rebuild("full", {}).kwargs == {}
+    assert modes.rebuild("vpt", modes.build("vpt").kwargs).options == modes.build("vpt").options
+    params = Params({"finetune": {"coop": {"context": 3, "init": None}, "vpt": {"prompts": 0}}})
+    assert modes.MODES.options("coop", params).init is None
+    with pytest.raises(ConfigError, match=r"`finetune.vpt.prompts` must be at least 1, got 0"):
+        modes.MODES.options("vpt", params)
+
+
 def test_micro_batches_cover_the_global_batch_once_for_any_process_count():
     batch = np.arange(37)
     for world in (1, 2, 3):
@@ -141,12 +162,12 @@ def test_micro_batches_cover_the_global_batch_once_for_any_process_count():
 
 def test_plan_accumulates_to_the_global_batch_and_rejects_impossible_sizes():
     cfg = FinetuneConfig(batch_size=64, micro_batch=16, epochs=3)
-    plan = Plan.make(1000, cfg, world=2)
-    assert (plan.accumulation, plan.steps_per_epoch, plan.total_steps) == (2, 15, 45)
+    plan, accumulation = plan_run(1000, cfg, world=2)
+    assert (accumulation, plan.steps_per_epoch, plan.total_steps) == (2, 15, 45)
     with pytest.raises(ConfigError, match="larger than the training split"):
-        Plan.make(10, cfg, world=1)
+        plan_run(10, cfg, world=1)
     with pytest.raises(ConfigError, match="at least one image"):
-        Plan.make(1000, FinetuneConfig(batch_size=2, micro_batch=1), world=4)
+        plan_run(1000, FinetuneConfig(batch_size=2, micro_batch=1), world=4)
 
 
 def test_encoder_and_added_parameters_get_their_own_learning_rates(inside):
@@ -293,13 +314,13 @@ def test_two_gloo_processes_take_the_same_step_as_one(workspace, monkeypatch):
     assert moved > 10  # the step changed the encoder, and both runs changed it alike
 
 
-def test_shadow_ema_is_the_hand_computed_average():
-    from ltpipe.finetune.train import ShadowEMA
+def test_weight_average_is_the_hand_computed_average():
+    from ltpipe.training.trainer import WeightAverage
 
     layer = torch.nn.Linear(2, 1)
     frozen = torch.nn.Linear(2, 1).requires_grad_(False)
     model = torch.nn.Sequential(layer, frozen)
-    ema = ShadowEMA(model, decay=0.9)
+    ema = WeightAverage(model, decay=0.9)
     start = layer.weight.detach().clone()
     with torch.no_grad():
         layer.weight.add_(1.0)

@@ -5,13 +5,16 @@ import pytest
 import torch
 
 from ltpipe import heads, losses
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
-from ltpipe.evaluation import zeroshot_logits
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
+from ltpipe.evaluation.inference import FeatureInput, predict
+from ltpipe.evaluation.zeroshot import zeroshot_logits
 from ltpipe.features.store import SplitFeatures, TextFeatures
-from ltpipe.inference import FeatureInput, predict
-from ltpipe.samplers import SAMPLERS
-from ltpipe.training import TrainConfig, param_groups, train, warmup_cosine
+from ltpipe.training import checkpoint
+from ltpipe.training.loop import param_groups, train
+from ltpipe.training.samplers import SAMPLERS
+from ltpipe.training.spec import TrainConfig
+from ltpipe.training.trainer import warmup_cosine
 
 
 def context(features_dir, num_classes):
@@ -28,7 +31,7 @@ def test_unknown_head_lists_names():
 
 def test_text_initialised_linear_head_is_the_zero_shot_classifier(tiny_features, tiny_prepared):
     ctx = context(tiny_features, tiny_prepared.num_classes)
-    head = heads.build("linear", Params({"init": "text"}), ctx)
+    head = heads.build("linear", heads.HEADS.parse("linear", Params({"init": "text"})), ctx)
     test = SplitFeatures(tiny_features / "test.h5")
     logits = predict(head, FeatureInput(test, "pooled", torch.device("cpu")))
     expected = zeroshot_logits(test.pooled, TextFeatures(tiny_features / "text.h5"))
@@ -55,8 +58,8 @@ def test_decoder_defaults_follow_imbalance_vlm():
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
     head = heads.rebuild("cosine", {"in_dim": 4, "num_classes": 3, "scale": 10.0})
     run = {"head": "cosine", "loss": "bsm", "sampler": "instance", "stage2": "none", "seed": 3}
-    heads.save_checkpoint(tmp_path / "h.pt", head, "cosine", run)
-    loaded, loaded_run = heads.load_checkpoint(tmp_path / "h.pt")
+    checkpoint.save_checkpoint(tmp_path / "h.pt", head, "cosine", run)
+    loaded, loaded_run = checkpoint.load_checkpoint(tmp_path / "h.pt")
     x = torch.randn(5, 4)
     torch.testing.assert_close(loaded(x), head(x))
     assert loaded_run == run
@@ -119,7 +122,7 @@ def test_decoder_trains_on_token_grids(tiny_features, tiny_prepared):
 
 def test_decoder_reads_the_mean_token_when_the_grid_has_no_cls():
     ctx = heads.HeadContext(3, 8, (5, 8), tokens_have_cls=False)
-    head = heads.build("decoder", Params({"depth": 0}), ctx)
+    head = heads.build("decoder", heads.HEADS.parse("decoder", Params({"depth": 0})), ctx)
     tokens = torch.randn(2, 5, 8)
     expected = tokens.mean(dim=1) @ head.classifier.weight.T + head.classifier.bias
     torch.testing.assert_close(head(tokens), expected)
@@ -127,7 +130,7 @@ def test_decoder_reads_the_mean_token_when_the_grid_has_no_cls():
 
 
 def test_diverging_training_is_a_clear_error(tiny_features, tiny_prepared):
-    from ltpipe.errors import TrainingError
+    from ltpipe.core.errors import TrainingError
 
     train_feats = SplitFeatures(tiny_features / "train.h5")
     train_feats.pooled[:] = np.nan
@@ -142,7 +145,7 @@ def test_diverging_training_is_a_clear_error(tiny_features, tiny_prepared):
 
 
 def test_loss_class_counts_come_from_the_cached_training_rows():
-    from ltpipe.training import class_counts
+    from ltpipe.training.loop import class_counts
 
     np.testing.assert_array_equal(class_counts(np.array([0, 2, 2, 2]), 4), [1, 0, 3, 0])
     multi = np.array([[1, 0, 1], [1, 1, 0]], dtype=np.uint8)
@@ -151,7 +154,7 @@ def test_loss_class_counts_come_from_the_cached_training_rows():
 
 def test_training_shows_per_epoch_progress_with_the_validation_score(tiny_features, tiny_prepared, capfd,
                                                                       monkeypatch):
-    from ltpipe import training
+    from ltpipe.training import loop as training
 
     monkeypatch.setitem(training.PROGRESS_INTERVAL, "log", 0.0)  # redraw at every epoch, as a terminal would
     capfd.readouterr()

@@ -6,8 +6,8 @@ import torch
 from torch.nn import functional as F
 
 from ltpipe import losses
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
 TARGET = torch.tensor([0, 1])
@@ -74,7 +74,7 @@ SINGLE = losses.names_for("single")
 
 
 def section(name, **values):
-    return Params(values, prefix=f"losses.{name}")
+    return losses.LOSSES.parse(name, Params(values, prefix=f"losses.{name}"))
 
 
 def build(name, counts=COUNTS, **values):

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ltpipe import losses
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
 from ltpipe.losses import multi, single
 
 # A 2 x 3 batch: counts n_c of 6, 3 and 1 images among N = 8 training images.
@@ -30,7 +30,7 @@ def y(values=TARGET):
 
 
 def section(name, **values):
-    return Params(values, prefix=f"losses.{name}")
+    return losses.LOSSES.parse(name, Params(values, prefix=f"losses.{name}"))
 
 
 def build(name, counts=COUNTS, num_images=N, **values):

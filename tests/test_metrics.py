@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, log_loss, top_k_accuracy_score
 
-from ltpipe import metrics
+from ltpipe.evaluation import metrics
 
 rng = np.random.default_rng(0)
 C = 7
@@ -84,7 +84,7 @@ def test_per_class_table():
 
 
 def test_reliability_table_by_hand_and_ece_from_it():
-    from ltpipe.metrics import reliability
+    from ltpipe.evaluation.metrics import reliability
 
     confidence = np.array([0.95, 0.91, 0.55, 0.52, 0.30])
     correct = np.array([1, 0, 1, 1, 0])
@@ -94,7 +94,7 @@ def test_reliability_table_by_hand_and_ece_from_it():
     np.testing.assert_allclose(table["confidence"], [0.30, 0.535, 0.93])
     np.testing.assert_allclose(table["accuracy"], [0.0, 1.0, 0.5])
     # ECE = sum_b n_b/N |acc_b - conf_b| = (0.30 + 2 * 0.465 + 2 * 0.43) / 5
-    from ltpipe.metrics import expected_calibration_error
+    from ltpipe.evaluation.metrics import expected_calibration_error
     probs = np.stack([confidence, 1 - confidence], axis=1)  # confidence >= 0.5 except the last row
     labels = np.where(correct == 1, probs.argmax(1), 1 - probs.argmax(1))
     expected = sum(abs(((probs.argmax(1) == labels)[m]).mean() - probs.max(1)[m].mean()) * m.sum()
@@ -104,7 +104,7 @@ def test_reliability_table_by_hand_and_ece_from_it():
 
 
 def test_multilabel_reliability_pools_every_image_and_class():
-    from ltpipe.metrics import reliability_table
+    from ltpipe.evaluation.metrics import reliability_table
 
     logits = np.array([[3.0, -3.0], [0.0, 2.0]])
     table = reliability_table(logits, np.array([[1, 0], [1, 1]]), multilabel=True, bins=4)
@@ -114,7 +114,7 @@ def test_multilabel_reliability_pools_every_image_and_class():
 
 
 def test_confusion_rows_name_classes_and_stay_empty_when_unreadable():
-    from ltpipe.metrics import confusion_rows
+    from ltpipe.evaluation.metrics import confusion_rows
 
     rows = confusion_rows(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1]), ["cat", "dog"], False)
     assert rows.to_dict("list") == {"actual": ["dog", "dog"], "predicted": ["dog", "cat"]}

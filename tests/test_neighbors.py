@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from ltpipe import heads
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError, DataError
-from ltpipe.evaluation import zeroshot_logits
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError, DataError
+from ltpipe.evaluation.zeroshot import zeroshot_logits
+from ltpipe.training import checkpoint
 
 EPS = 1e-8
 DIM, CLASSES = 16, 7
@@ -181,14 +182,14 @@ def test_checkpoint_round_trip(tmp_path, name, multilabel):
     if multilabel:
         labels[np.arange(CLASSES), np.arange(CLASSES)] = 1
     section = Params({"k": 7, "temperature": 0.1} if name == "knn" else {"scale": 20.0}, prefix=f"heads.{name}")
-    head = heads.build(name, section, heads.HeadContext(CLASSES, DIM, None))
+    head = heads.build(name, heads.HEADS.parse(name, section), heads.HeadContext(CLASSES, DIM, None))
     assert not [p for p in head.parameters() if p.requires_grad]
     head.fit(bank, labels)
     queries = _queries(11, bank, 7, count=30)
     expected = _logits(head.eval(), queries)
     run = {"head": name, "loss": "none", "sampler": "none", "stage2": "none", "seed": 0}
-    heads.save_checkpoint(tmp_path / "h.pt", head, name, run)
-    loaded, loaded_run = heads.load_checkpoint(tmp_path / "h.pt")
+    checkpoint.save_checkpoint(tmp_path / "h.pt", head, name, run)
+    loaded, loaded_run = checkpoint.load_checkpoint(tmp_path / "h.pt")
     assert loaded_run == run and loaded.kwargs == head.kwargs and loaded.input == "pooled"
     np.testing.assert_array_equal(_logits(loaded, queries), expected)
 
@@ -225,11 +226,11 @@ def test_params_defaults_and_validation():
                           "bank_size": 0, "multilabel": False}
     assert heads.build("ncm", None, ctx).kwargs == {"in_dim": DIM, "num_classes": CLASSES, "scale": 16.0}
     with pytest.raises(ConfigError, match="heads.knn.k"):
-        heads.build("knn", Params({"k": 0}, prefix="heads.knn"), ctx)
+        heads.build("knn", heads.HEADS.parse("knn", Params({"k": 0}, prefix="heads.knn")), ctx)
     with pytest.raises(ConfigError, match="heads.knn.temperature"):
-        heads.build("knn", Params({"temperature": 0}, prefix="heads.knn"), ctx)
+        heads.build("knn", heads.HEADS.parse("knn", Params({"temperature": 0}, prefix="heads.knn")), ctx)
     with pytest.raises(ConfigError, match="heads.ncm.scale"):
-        heads.build("ncm", Params({"scale": -1}, prefix="heads.ncm"), ctx)
+        heads.build("ncm", heads.HEADS.parse("ncm", Params({"scale": -1}, prefix="heads.ncm")), ctx)
 
 
 def test_zeroshot_head_is_the_zero_shot_classifier(tmp_path):
@@ -242,8 +243,8 @@ def test_zeroshot_head_is_the_zero_shot_classifier(tmp_path):
     assert not [p for p in head.parameters() if p.requires_grad] and not hasattr(head, "fit")
     logits = _logits(head, pooled)
     np.testing.assert_allclose(logits, zeroshot_logits(pooled, text), rtol=1e-5, atol=1e-4)
-    heads.save_checkpoint(tmp_path / "z.pt", head, "zeroshot", {"head": "zeroshot"})
-    loaded, _ = heads.load_checkpoint(tmp_path / "z.pt")
+    checkpoint.save_checkpoint(tmp_path / "z.pt", head, "zeroshot", {"head": "zeroshot"})
+    loaded, _ = checkpoint.load_checkpoint(tmp_path / "z.pt")
     np.testing.assert_array_equal(_logits(loaded, pooled), logits)
 
 

@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from ltpipe.data import pickles
-from ltpipe.errors import DataError
+from ltpipe.core.errors import DataError
+from ltpipe.datasets import pickles
 from tests.conftest import REPO
 
 
@@ -154,7 +154,7 @@ def test_a_pickle_cannot_rewrite_the_stand_ins():
 
 FUZZ = textwrap.dedent("""
     import pickle, random, sys
-    from ltpipe.data.pickles import restricted_loads
+    from ltpipe.datasets.pickles import restricted_loads
     from tests.test_pickles import numpy_zoo
     for protocol in (0, 2, 4, 5):
         raw, rng = pickle.dumps(numpy_zoo(), protocol=protocol), random.Random(protocol)

@@ -1,13 +1,72 @@
 """The DAG end to end through DVC, in a temporary git repository."""
 
 import json
+import statistics
+from pathlib import Path
 
 import pytest
 import yaml
 
+from ltpipe.evaluation import report
 from tests import dvc_repo
 
 pytestmark = pytest.mark.slow
+SINGLE_LABEL_METRICS = ("top1", "top5", "balanced_acc", "many", "medium", "few", "macro_f1", "nll", "ece")
+
+
+def summary_from_cells(sweep_dir: Path) -> dict:
+    """Each method's row of metrics/summary.json, recomputed from the per-seed cell files alone: the
+    number of seeds and, per metric, the mean and the sample standard deviation (n - 1 in the
+    denominator, 0 for one seed: the convention of ltpipe/evaluation/report.py) over seeds."""
+    runs = {}
+    for path in sorted(sweep_dir.glob("*.json")):
+        cell = json.loads(path.read_text())
+        if "skipped" not in cell:
+            runs.setdefault(f"{cell['head']}/{cell['loss']}", []).append(cell)
+    rows = {}
+    for method, cells in runs.items():
+        rows[method] = {"seeds": len(cells)}
+        for key in SINGLE_LABEL_METRICS:
+            values = [c[key] for c in cells if c.get(key) is not None]
+            rows[method][key] = {"mean": statistics.fmean(values) if values else None,
+                                 "std": (statistics.stdev(values) if len(values) > 1 else 0.0) if values else None}
+    return rows
+
+
+def assert_summary_matches_cells(summary: dict, sweep_dir: Path) -> None:
+    expected = summary_from_cells(sweep_dir)
+    assert expected and summary["methods"].keys() == expected.keys()
+    for method, row in expected.items():
+        shown = summary["methods"][method]
+        assert shown.keys() == row.keys() and shown["seeds"] == row["seeds"], method
+        for key in SINGLE_LABEL_METRICS:
+            for stat, value in row[key].items():
+                got, want = shown[key][stat], value if value is None else pytest.approx(value, rel=1e-12, abs=1e-15)
+                assert got == want, f"{method} {key} {stat}: summary {got}, cells {value}"
+
+
+def test_summary_check_recomputes_mean_and_sample_std_from_the_cell_files(tmp_path):
+    # The check the end-to-end sweep test relies on, on cells written by hand: top1 0.5 and 0.8 have
+    # mean 0.65 and sample std sqrt(0.045) = 0.2121 (the population std would be 0.15).
+    values = {"top1": (0.5, 0.8), "few": (0.1, 0.1), "nll": (2.0, 1.0)}
+    for seed in (0, 1):
+        cell = {"dataset": "d", "task": "single", "head": "h", "loss": "l", "seed": seed,
+                **{key: values.get(key, (None, None))[seed] for key in SINGLE_LABEL_METRICS}}
+        (tmp_path / f"h-l-{seed}.json").write_text(json.dumps(cell))
+    row = {"seeds": 2, **{key: {"mean": None, "std": None} for key in SINGLE_LABEL_METRICS},
+           "top1": {"mean": 0.65, "std": 0.045 ** 0.5}, "few": {"mean": 0.1, "std": 0.0},
+           "nll": {"mean": 1.5, "std": 0.5 ** 0.5}}
+    assert_summary_matches_cells({"methods": {"h/l": row}}, tmp_path)
+    cells = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("*.json"))]
+    assert_summary_matches_cells(report.aggregate(cells, SINGLE_LABEL_METRICS), tmp_path)  # the stage's layout
+    wrong = [("top1", "std", 0.15), ("top1", "std", 0.0), ("few", "mean", 0.2), ("nll", "std", None)]
+    for key, stat, value in wrong:
+        broken = json.loads(json.dumps(row))
+        broken[key][stat] = value
+        with pytest.raises(AssertionError, match=f"h/l {key} {stat}"):
+            assert_summary_matches_cells({"methods": {"h/l": broken}}, tmp_path)
+    with pytest.raises(AssertionError):
+        assert_summary_matches_cells({"methods": {"h/l": row, "h/other": row}}, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +122,10 @@ def test_sweep_reports_every_loss_over_seeds(repo):
     summary = json.loads((repo / "metrics/summary.json").read_text())
     assert set(summary["methods"]) == {"cosine/ce", "cosine/bsm"}
     for row in summary["methods"].values():
-        assert row["seeds"] == 2 and row["top1"]["std"] >= 0
+        assert row["seeds"] == 2
+    assert_summary_matches_cells(summary, repo / "metrics/sweep")
     cells = [json.loads((repo / f"metrics/sweep/cosine-{loss}-{seed}.json").read_text())
              for loss in ("ce", "bsm") for seed in (0, 1)]
-    ce = [c["top1"] for c in cells if c["loss"] == "ce"]
-    assert summary["methods"]["cosine/ce"]["top1"]["mean"] == pytest.approx(sum(ce) / 2)
     # The sweep cell with the main experiment's head, loss and seed reproduces it exactly.
     main = json.loads((repo / "metrics/eval.json").read_text())
     assert cells[0]["top1"] == main["top1"] and cells[0]["few"] == main["few"]

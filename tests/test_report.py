@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from ltpipe import report
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError, DataError
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError, DataError
+from ltpipe.evaluation import report
 
 
 def cell(head, loss, seed, **values):

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from ltpipe.samplers import SAMPLERS, class_members, class_weighted_draw
+from ltpipe.training.samplers import SAMPLERS, class_members, class_weighted_draw
 
 LABELS = np.repeat(np.arange(4), [400, 100, 20, 5])
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from ltpipe.data.formats import read_classnames, read_list
-from ltpipe.data.manifest import DatasetSource, build
+from ltpipe.data.manifest import build
 from ltpipe.data.scan import scan
+from ltpipe.data.source import DatasetSource
 from tests.conftest import REPO
 
 SHARED = REPO.parent / "shared"

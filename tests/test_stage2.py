@@ -4,13 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from ltpipe import heads, metrics, stage2
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
-from ltpipe.evaluation import log_prior, logit_adjust
+from ltpipe import heads
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
+from ltpipe.evaluation import metrics
+from ltpipe.evaluation.inference import FeatureInput, predict
+from ltpipe.evaluation.results import log_prior, logit_adjust
 from ltpipe.features.store import SplitFeatures
-from ltpipe.inference import FeatureInput, predict
-from ltpipe.training import TrainConfig, match_head_to_loss, stage2_loss, train_stage2
+from ltpipe.training import checkpoint, stage2
+from ltpipe.training.loop import match_head_to_loss, stage2_loss, train_stage2
+from ltpipe.training.spec import TrainConfig
 
 CPU = torch.device("cpu")
 COUNTS = [200, 80, 30, 10, 4]
@@ -38,7 +41,7 @@ def memory_input(x, labels):
 def stage1(head_name="linear", seed=0):
     (x, y), (vx, vy) = clusters(COUNTS, seed=seed)
     torch.manual_seed(seed)
-    head = heads.rebuild(head_name, {"in_dim": x.shape[1], "num_classes": len(COUNTS)})
+    head = heads.build(head_name, None, heads.HeadContext(len(COUNTS), x.shape[1], None))
     # A stage-1 classifier biased towards the head classes, as CE on long-tailed data leaves it.
     with torch.no_grad():
         head.classifier.weight.mul_(3.0)
@@ -47,8 +50,8 @@ def stage1(head_name="linear", seed=0):
 
 def run(name, head_name="linear", epochs=5, adjuster_before=None):
     head, train_in, val_in, val_labels = stage1(head_name)
-    picked = stage2.Stage2Choice.from_params(Params({"stage2": name}), "single")
-    loss_fn = stage2_loss(picked, PARAMS, head, "single", np.array(COUNTS), sum(COUNTS))
+    picked = stage2.Stage2Choice.from_params(Params(dict(PARAMS.data, stage2=name)), "single")
+    loss_fn = stage2_loss(picked, head_name, head, "single", np.array(COUNTS), sum(COUNTS))
     cfg = TrainConfig(epochs=epochs, batch_size=64, lr=0.05, warmup_epochs=0)
     if adjuster_before is not None:  # the adjuster's initial state, from the same seeded build
         torch.manual_seed(123)
@@ -127,8 +130,8 @@ def test_lws_disalign_marc_formulas():
 
 def test_marc_norms_survive_save_and_load(tmp_path):
     _, model, _, val_in, _ = run("marc")
-    heads.save_checkpoint(tmp_path / "m.pt", model, "linear", {"stage2": "marc"}, stage2="marc")
-    loaded, _ = heads.load_checkpoint(tmp_path / "m.pt")
+    checkpoint.save_checkpoint(tmp_path / "m.pt", model, "linear", {"stage2": "marc"}, stage2="marc")
+    loaded, _ = checkpoint.load_checkpoint(tmp_path / "m.pt")
     assert isinstance(loaded, stage2.TwoStageHead)
     torch.testing.assert_close(loaded.adjuster.weight_norm, model.adjuster.weight_norm)
     np.testing.assert_array_equal(predict(loaded, val_in), predict(model, val_in))
@@ -207,14 +210,12 @@ def test_stage2_refusals_come_before_any_training():
     cosine, _, _, _ = stage1("cosine")
     tau = stage2.Stage2Choice.from_params(Params({"stage2": "tau_norm"}), "single")
     with pytest.raises(ConfigError, match="tau_norm.*cosine head"):
-        stage2_loss(tau, PARAMS, cosine, "single", np.array(COUNTS), sum(COUNTS))
-    marc = stage2.Stage2Choice.from_params(Params({"stage2": "marc"}), "single")
+        stage2_loss(tau, "cosine", cosine, "single", np.array(COUNTS), sum(COUNTS))
     with pytest.raises(ConfigError, match=r"`losses.grw.rho` must be at least 0"):
-        stage2_loss(marc, Params({"losses": {"grw": {"rho": -1}}}), cosine, "single", np.array(COUNTS),
-                    sum(COUNTS))
-    ldam = stage2.Stage2Choice("crt", "ldam", "instance")
+        stage2.Stage2Choice.from_params(Params({"stage2": "marc", "losses": {"grw": {"rho": -1}}}), "single")
     with pytest.raises(ConfigError, match=r"`stage2_methods.crt.loss` is 'ldam', which needs its own"):
-        stage2_loss(ldam, PARAMS, cosine, "single", np.array(COUNTS), sum(COUNTS))
+        stage2.Stage2Choice.from_params(Params({"stage2": "crt", "stage2_methods": {"crt": {"loss": "ldam"}}}),
+                                        "single")
 
 
 def test_ldam_style_losses_need_a_cosine_head():
@@ -223,9 +224,9 @@ def test_ldam_style_losses_need_a_cosine_head():
 
     linear, _, _, _ = stage1("linear")
     with pytest.raises(ConfigError, match=r"needs a normalised classifier: set `head: cosine`"):
-        match_head_to_loss(linear, NeedsScale(), "ldam")
+        match_head_to_loss("linear", linear, "ldam", NeedsScale())
     cosine, _, _, _ = stage1("cosine")
-    match_head_to_loss(cosine, NeedsScale(), "ldam")
+    match_head_to_loss("cosine", cosine, "ldam", NeedsScale())
     assert cosine.classifier.log_scale.exp().item() == pytest.approx(30.0)
     assert not cosine.classifier.log_scale.requires_grad
 
@@ -245,8 +246,8 @@ def test_pick_on_validation_takes_the_first_best():
 
 
 def test_iterations_replace_epochs():
-    from ltpipe.samplers import SAMPLERS
-    from ltpipe.training import train
+    from ltpipe.training.loop import train
+    from ltpipe.training.samplers import SAMPLERS
 
     head, train_in, val_in, val_labels = stage1()
     calls = []
@@ -268,10 +269,11 @@ def test_decoder_crt_keeps_the_decoder_blocks(tiny_features, tiny_prepared):
     val = SplitFeatures(tiny_features / "val.h5")
     torch.manual_seed(0)
     head = heads.rebuild("decoder", {"dim": train_feats.token_shape[-1], "num_classes": tiny_prepared.num_classes,
-                                     "depth": 1, "heads": 2})
+                                     "depth": 1, "heads": 2, "mlp_ratio": 0.5, "final_norm": False,
+                                     "readout": "cls"})
     before = state(head)
     choice = stage2.Stage2Choice("crt", "ce", "class_balanced")
-    loss_fn = stage2_loss(choice, PARAMS, head, "single", np.bincount(train_feats.labels),
+    loss_fn = stage2_loss(choice, "decoder", head, "single", np.bincount(train_feats.labels),
                           len(train_feats.labels))
     model, _ = train_stage2(choice, loss_fn, head, FeatureInput(train_feats, "tokens", CPU),
                             FeatureInput(val, "tokens", CPU), val.labels, TrainConfig(epochs=2, batch_size=32), 0,
@@ -283,12 +285,12 @@ def test_decoder_crt_keeps_the_decoder_blocks(tiny_features, tiny_prepared):
 
 def test_ldam_drw_switches_on_by_step_also_with_iterations():
     from ltpipe import losses
-    from ltpipe.samplers import SAMPLERS
-    from ltpipe.training import train
+    from ltpipe.training.loop import train
+    from ltpipe.training.samplers import SAMPLERS
 
     head, train_in, val_in, val_labels = stage1("cosine")
     ldam = losses.build("ldam", "single", None, np.array(COUNTS))
-    match_head_to_loss(head, ldam, "ldam")
+    match_head_to_loss("cosine", head, "ldam", ldam)
     active = []
     forward = ldam.forward
     ldam.forward = lambda logits, target: (logits.requires_grad and active.append(ldam.drw_active),

@@ -6,9 +6,9 @@ import h5py
 import numpy as np
 import torch
 
+from ltpipe.evaluation.inference import ViewInput
 from ltpipe.features import extract
 from ltpipe.features.store import SplitFeatures
-from ltpipe.inference import ViewInput
 
 
 def sha(path):

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from ltpipe import paths
+from ltpipe.core import paths
+from ltpipe.core.errors import DataError
 from ltpipe.data import images
-from ltpipe.errors import DataError
 
 STAT_CACHE = paths.PARTIAL_DIR / "prepare-hashes.sqlite"
 RACY_SECONDS = 2.0

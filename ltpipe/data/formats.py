@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from ltpipe.errors import DataError
+from ltpipe.core.errors import DataError
 
 Entry = Tuple[str, Tuple[int, ...]]
 NAMES_FORMATS = ("plain", "id_name", "name_index", "inat_json")

@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ltpipe.errors import DataError
+from ltpipe.core.errors import DataError
 
 # SHA-256: the project's hash for every file it checks (weights too); with the CPU's SHA
 # instructions it hashes about as fast as SHA-1 and twice as fast as MD5 or BLAKE2b

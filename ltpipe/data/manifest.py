@@ -17,8 +17,6 @@ tail < 20 (Wu et al., ECCV 2020; CPRFL).
 import json
 import os
 import posixpath
-import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -26,12 +24,21 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import pandas as pd
 
+from ltpipe.core.errors import DataError
+from ltpipe.data.checks import (
+    check_every_class_trained,
+    check_labels,
+    check_leakage,
+    check_listed_files,
+    check_paths,
+    class_counts,
+)
 from ltpipe.data.fingerprint import HashStats, hash_files
 from ltpipe.data.formats import Entry, check_distinct_prompts, curated_prompts, read_classnames, read_list
 from ltpipe.data.scan import scan
-from ltpipe.errors import DataError
+from ltpipe.data.source import SPLITS, DatasetSource, PrepareOptions
+from ltpipe.data.validation_split import carve_report, carve_validation
 
-SPLITS = ("train", "val", "test")
 SINGLE_GROUPS = ("many", "medium", "few")
 MULTI_GROUPS = ("head", "medium", "tail")
 
@@ -40,36 +47,6 @@ def group_of(train_count: int, multilabel: bool) -> str:
     if multilabel:
         return "head" if train_count >= 100 else "medium" if train_count >= 20 else "tail"
     return "many" if train_count > 100 else "medium" if train_count >= 20 else "few"
-
-
-@dataclass
-class DatasetSource:
-    """Where a dataset's files are: an image root, one list per split, a class-name file.
-
-    A ``None`` validation list means "carve one from train" (``PrepareOptions.val_fraction``).
-    """
-
-    name: str
-    root: Path
-    lists: Dict[str, Optional[Path]]
-    classnames: Path
-    multilabel: bool
-    names_format: str = "plain"
-    expected_classes: Optional[int] = None
-
-
-@dataclass
-class PrepareOptions:
-    scan_images: bool = False
-    on_bad_image: str = "fail"  # fail | skip
-    workers: int = 2
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    allow_links_outside_root: bool = False
-    drop_classes_without_training: bool = False
-
-
-ON_BAD_IMAGE = ("fail", "skip")
 
 
 @dataclass
@@ -114,11 +91,6 @@ class Prepared:
         return out
 
 
-def _shown(items, limit: int = 3) -> str:
-    items = list(items)
-    return ", ".join(str(x) for x in items[:limit]) + (" ..." if len(items) > limit else "")
-
-
 def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check_files: bool = True,
           hash_cache: Optional[Path] = None) -> Prepared:
     """Read, validate and assemble a dataset. Every problem raises a :class:`DataError`
@@ -141,142 +113,63 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
     for split in ("train", "test"):
         if split not in entries:
             raise DataError(f"dataset {source.name!r} has no {split} list. Set its `{split}_list` in params.yaml.")
-    entries = _check_paths(entries, source)
-    _check_labels(entries, num_classes, source)
-    _check_leakage(entries, source)
+    entries = check_paths(entries, source)
+    check_labels(entries, num_classes, source)
+    check_leakage(entries, source)
     report: dict = {"dataset": source.name}
     if repeated_prompts:
         report["repeated_prompts"] = repeated_prompts
     classes = (ids, names, prompts)
-    entries, classes = _check_every_class_trained(entries, classes, source, options, report)  # before the scan
+    entries, classes = check_every_class_trained(entries, classes, source, options, report)  # before the scan
     if check_files:
-        entries = _check_files(entries, source, options, report)
+        entries = check_listed_files(entries, source, options, report)
     if options.scan_images:
         entries, report["scan"] = _scan(entries, source, options)
-    entries, (ids, names, prompts) = _check_every_class_trained(entries, classes, source, options, report)  # skips
-    num_classes = len(names)
+    entries, classes = check_every_class_trained(entries, classes, source, options, report)  # skips
+    num_classes = len(classes[1])
     # Groups follow the published training list, before any validation split is carved
     # from it, so head/medium/tail match the benchmark's definition.
-    list_counts = _class_counts(entries["train"], num_classes)
+    list_counts = class_counts(entries["train"], num_classes)
     if "val" not in entries:
         entries["train"], entries["val"] = carve_validation(
             entries["train"], num_classes, options.val_fraction, options.split_seed, source.multilabel)
-        report["validation"] = _carve_report(entries, list_counts, names, options, source)
-    counts = _class_counts(entries["train"], num_classes)
+        report["validation"] = carve_report(entries, list_counts, classes[1], options, source)
+    counts = class_counts(entries["train"], num_classes)
+    manifest, hash_stats = _manifest_table(entries, source, check_files, hash_cache)
+    class_table = _class_table(classes, counts, list_counts, source.multilabel)
+    report["images"] = {s: len(entries[s]) for s in SPLITS}
+    report["classes"] = num_classes
+    report["groups"] = {g: int((class_table["group"] == g).sum()) for g in groups_for(source.multilabel)}
+    report["train_count"] = {"max": int(counts.max()), "min": int(counts.min())}
+    return Prepared(source.name, source.multilabel, Path(source.root), manifest, class_table, report, hash_stats)
 
+
+def _manifest_table(entries: Dict[str, List[Entry]], source: DatasetSource, check_files: bool,
+                    hash_cache: Optional[Path]) -> Tuple[pd.DataFrame, Optional[HashStats]]:
+    """One row per listed image, split by split, with its content hash (``""`` without ``check_files``)."""
     rows = [(split, rel, " ".join(str(x) for x in labels)) for split in SPLITS for rel, labels in entries[split]]
     hashes, hash_stats = [""] * len(rows), None
     if check_files:
         hashes, hash_stats = hash_files(source.root, [rel for _, rel, _ in rows], hash_cache)
     manifest = pd.DataFrame([(*row, digest) for row, digest in zip(rows, hashes)],
                             columns=["split", "path", "labels", "sha256"])
-    classes = pd.DataFrame({
-        "index": np.arange(num_classes),
+    return manifest, hash_stats
+
+
+def _class_table(classes: Tuple[List[str], List[str], List[str]], counts: np.ndarray, list_counts: np.ndarray,
+                 multilabel: bool) -> pd.DataFrame:
+    ids, names, prompts = classes
+    return pd.DataFrame({
+        "index": np.arange(len(names)),
         "id": ids,
         "name": names,
         "prompt": prompts,
         "train_count": counts,
         "list_count": list_counts,
-        "group": [group_of(int(n), source.multilabel) for n in list_counts],
+        "group": [group_of(int(n), multilabel) for n in list_counts],
     })
-    report["images"] = {s: len(entries[s]) for s in SPLITS}
-    report["classes"] = num_classes
-    report["groups"] = {g: int((classes["group"] == g).sum()) for g in groups_for(source.multilabel)}
-    report["train_count"] = {"max": int(counts.max()), "min": int(counts.min())}
-    return Prepared(source.name, source.multilabel, Path(source.root), manifest, classes, report, hash_stats)
 
 
-def _check_every_class_trained(entries: Dict[str, List[Entry]], classes: Tuple[List[str], List[str], List[str]],
-                               source: DatasetSource, options: PrepareOptions, report: dict):
-    """Refuse a class without training images; for multi-label data,
-    ``prepare.drop_classes_without_training`` drops such classes instead: from the class table
-    ``(ids, names, prompts)`` and from every split's labels, re-indexed (recorded in ``report``)."""
-    ids, names, prompts = classes
-    counts = _class_counts(entries["train"], len(names))
-    empty = np.flatnonzero(counts == 0)
-    if not len(empty):
-        return entries, classes
-    problem = (f"{len(empty)} class(es) of {source.name!r} have no training image: "
-               f"{_shown((f'{i} ({names[i]})' for i in empty), limit=5)}.")
-    same_classes = (f"The class-name file ({source.classnames}, {len(names)} classes) and the train list must "
-                    "describe the same classes")
-    if not source.multilabel:
-        raise DataError(f"{problem} {same_classes}: remove the class from the class-name file (and the lists), "
-                        "or add training images of it. (A single-label test image of a dropped class would have "
-                        "no label, so `prepare.drop_classes_without_training` is for multi-label data only.)")
-    if not options.drop_classes_without_training:
-        raise DataError(f"{problem} {same_classes}, or set `prepare.drop_classes_without_training: true` to leave "
-                        "them out of the class table, of every split's labels and of the metrics.")
-    keep = [int(i) for i in np.flatnonzero(counts > 0)]
-    new_index = {old: new for new, old in enumerate(keep)}
-    relabelled: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # one tuple per label set, as read_list does
-    dropped = {int(i): {"id": ids[i], "name": names[i]} for i in empty}
-    for split, items in entries.items():
-        for i in dropped:
-            dropped[i][f"{split}_images"] = int(sum(i in labels for _, labels in items))
-        entries[split] = [(rel, relabelled.get(labels) or relabelled.setdefault(
-            labels, tuple(new_index[c] for c in labels if c in new_index))) for rel, labels in items]
-    report.setdefault("dropped_classes", []).extend(dropped.values())
-    return entries, tuple([values[i] for i in keep] for values in classes)
-
-
-def _check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> Dict[str, List[Entry]]:
-    """Refuse paths leaving the root (as written in the list); return the entries with
-    normalised paths, so `./a.jpg` and `a.jpg` are one image to the duplicate and leakage checks."""
-    normalised = {}
-    for split, items in entries.items():
-        escaping = [rel for rel, _ in items
-                    if os.path.isabs(rel) or ".." in rel and ".." in rel.replace("\\", "/").split("/")]
-        if escaping:
-            raise DataError(
-                f"{source.lists[split]}: {len(escaping)} path(s) leave the dataset root ({_shown(escaping)}). "
-                "List paths must be relative to `root` and stay inside it.")
-        # In place, and only where a path needs it: a copy of every path doubles the memory of big lists.
-        for index, (rel, labels) in enumerate(items):
-            if _NOT_NORMAL.search(rel):
-                items[index] = (posixpath.normpath(rel.replace("\\", "/")), labels)
-        seen, dupes = set(), []
-        for rel, _ in items:
-            if rel in seen:
-                dupes.append(rel)
-            seen.add(rel)
-        if dupes:
-            raise DataError(f"{source.lists[split]}: {len(dupes)} path(s) listed twice ({_shown(dupes)}). "
-                            "Remove the duplicate lines.")
-        normalised[split] = items
-    return normalised
-
-
-def _check_labels(entries: Dict[str, List[Entry]], num_classes: int, source: DatasetSource) -> None:
-    for split, items in entries.items():
-        for rel, labels in items:
-            bad = [x for x in labels if not 0 <= x < num_classes]
-            if bad and bad[0] < 0:
-                raise DataError(
-                    f"{source.lists[split]}: label {bad[0]} of {rel} is negative: labels are class indices "
-                    f"0..{num_classes - 1} ({source.classnames} names {num_classes} classes). Other formats use -1 "
-                    "for 'unknown': give the image its class, or leave it out of the list (check `classnames` "
-                    "if the classes are numbered differently).")
-            if bad:
-                raise DataError(
-                    f"{source.lists[split]}: label {bad[0]} of {rel} is out of range: {source.classnames} "
-                    f"names {num_classes} classes, so labels must be 0..{num_classes - 1}. The class count "
-                    "disagrees with the names file: fix the list or point `classnames` at the right file.")
-
-
-def _check_leakage(entries: Dict[str, List[Entry]], source: DatasetSource) -> None:
-    """No train or validation image may be in the test list."""
-    test = {rel for rel, _ in entries["test"]}
-    for split in ("train", "val"):
-        if split in entries:
-            shared = [rel for rel, _ in entries[split] if rel in test]
-            if shared:
-                raise DataError(
-                    f"{len(shared)} image(s) are in both the {split} and the test list of {source.name} "
-                    f"({_shown(shared)}). Remove them from one list: evaluation must not see training images.")
-
-
-_NOT_NORMAL = re.compile(r"\\|//|(^|/)\.(/|$)|/$")  # what posixpath.normpath would change (".." is refused)
 ROOT_SAMPLE = 20  # listed paths checked before whole lists are read
 
 
@@ -291,7 +184,7 @@ def _check_root_sample(source: DatasetSource, options: PrepareOptions) -> None:
     samples = {}
     for path in source.lists.values():
         if path is not None:
-            # Normalised as _check_paths does, so lists written with backslashes are sampled as read.
+            # Normalised as check_paths does, so lists written with backslashes are sampled as read.
             sample = [posixpath.normpath(rel.replace("\\", "/"))
                       for rel, _ in read_list(path, source.multilabel, max_entries=ROOT_SAMPLE)]
             samples[path] = [rel for rel in sample if not (os.path.isabs(rel) or ".." in rel.split("/"))]
@@ -317,86 +210,6 @@ def _subfolders(root: Path, limit: int = 100) -> List[Path]:
         return []
 
 
-def _check_files(entries: Dict[str, List[Entry]], source: DatasetSource, options: PrepareOptions,
-                 report: dict) -> Dict[str, List[Entry]]:
-    """Every listed image must exist; with ``on_bad_image: skip``, missing ones are left out
-    (listed in ``report``). Paths are resolved through symbolic links (each folder once), so a
-    link leaving the root is refused unless ``allow_links_outside_root``, and two listed paths
-    of one file are a duplicate (one split) or a leak (two splits)."""
-    root = Path(source.root)
-    if not root.is_dir():
-        raise DataError(f"image root {root} does not exist. Set the dataset's `root` in params.yaml.")
-    real_root = os.path.realpath(root)
-    inside = os.path.join(real_root, "")
-    folders: Dict[str, Tuple[str, bool]] = {}  # listed folder -> (real folder, is it where the path says)
-    missing, outside, relocated = [], [], {}
-    for split, items in entries.items():
-        for index, (rel, _) in enumerate(items):
-            folder, name = posixpath.split(rel)
-            if folder not in folders:
-                real_folder = os.path.realpath(os.path.join(real_root, folder))
-                folders[folder] = real_folder, real_folder == os.path.normpath(os.path.join(real_root, folder))
-            real_folder, as_listed = folders[folder]
-            full = os.path.join(real_folder, name)
-            try:
-                mode = os.lstat(full).st_mode
-                if stat.S_ISLNK(mode):
-                    as_listed, full = False, os.path.realpath(full)
-                    mode = os.stat(full).st_mode
-            except OSError:
-                mode = 0
-            if not stat.S_ISREG(mode):
-                missing.append(rel)
-            elif not as_listed:
-                # Where the file really is, relative to the root when inside it, as listed paths are.
-                relocated[split, index] = full[len(inside):] if full.startswith(inside) else full
-                if not full.startswith(inside):
-                    outside.append((rel, full))
-    if outside and not options.allow_links_outside_root:
-        rel, target = outside[0]
-        raise DataError(
-            f"{len(outside)} listed image(s) are symbolic links (or in linked folders) that resolve outside the "
-            f"dataset root {root}: {rel} -> {target}{' ...' if len(outside) > 1 else ''}. Images outside the "
-            "root are refused, so that `root` says where the data is. If the link is intended (commonly the "
-            "image folder is a symlink to another disk), set `prepare.allow_links_outside_root: true`, or point "
-            "`root` at the real folder.")
-    if outside:
-        report["links_outside_root"] = len(outside)
-    if relocated:
-        _check_same_files(entries, relocated, real_root, source)
-    if missing and options.on_bad_image != "skip":
-        raise DataError(
-            f"{len(missing)} image(s) listed are missing under {root} (first: {_shown(missing)}). "
-            "Check the dataset's `root` in params.yaml points at the folder the list paths are relative to, "
-            "or set `prepare.on_bad_image: skip` to leave them out.")
-    if missing:
-        gone = set(missing)
-        entries = {s: [e for e in items if e[0] not in gone] for s, items in entries.items()}
-        report["missing_skipped"] = sorted(missing)
-    return entries
-
-
-def _check_same_files(entries: Dict[str, List[Entry]], relocated: Dict[Tuple[str, int], str], real_root: str,
-                      source: DatasetSource) -> None:
-    """Two listed paths that resolve to one file (through a link): a duplicate (one split) or a
-    leak (train or val and test), as :func:`_check_paths` and :func:`_check_leakage` judge listed paths."""
-    owner: Dict[str, Tuple[str, str]] = {}
-    for split in SPLITS:
-        for index, (rel, _) in enumerate(entries.get(split, ())):
-            key = relocated.get((split, index), rel)
-            first_split, first = owner.setdefault(key, (split, rel))
-            if first == rel and first_split == split or {first_split, split} == {"train", "val"}:
-                continue
-            shared = key if os.path.isabs(key) else os.path.join(real_root, key)
-            if first_split == split:
-                raise DataError(f"{source.lists[split]}: {first} and {rel} are the same file ({shared}, through a "
-                                "symbolic link): it is listed twice and would be trained on twice. Remove one "
-                                "of the two lines.")
-            raise DataError(f"{first} ({first_split} list) and {rel} ({split} list) of {source.name} are the same "
-                            f"file ({shared}, through a symbolic link): the image is in both the {first_split} and "
-                            f"the {split} list. Remove it from one list: evaluation must not see training images.")
-
-
 def _scan(entries: Dict[str, List[Entry]], source: DatasetSource, options: PrepareOptions):
     paths = [rel for items in entries.values() for rel, _ in items]
     result = scan(source.root, paths, options.workers)
@@ -412,90 +225,6 @@ def _scan(entries: Dict[str, List[Entry]], source: DatasetSource, options: Prepa
     if result.bad:
         entries = {s: [e for e in items if e[0] not in result.bad] for s, items in entries.items()}
     return entries, summary
-
-
-def _class_counts(items: List[Entry], num_classes: int) -> np.ndarray:
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for _, labels in items:
-        for label in set(labels):
-            counts[label] += 1
-    return counts
-
-
-def carve_validation(train: List[Entry], num_classes: int, fraction: float, seed: int,
-                     multilabel: bool) -> Tuple[List[Entry], List[Entry]]:
-    """A stratified validation split of ``round(fraction * N)`` images taken from train
-    (fewer only where taking more would empty a class's training set).
-
-    Each image belongs to the stratum of its rarest label (single-label: its class; multi-label
-    images without labels form one stratum). The total is shared among the strata in proportion
-    to their sizes by the largest-remainder method (ties: the rarer stratum, then a seeded draw),
-    so the outcome stays proportional when strata are smaller than ``1 / fraction``, where
-    rounding each stratum's share on its own carved nothing. Strata are then served rarest first,
-    as in iterative stratification (Sechidis et al., ECML-PKDD 2011), each image in a seeded
-    random order and skipped when it holds the last training image of one of its labels; a
-    share a stratum cannot give passes to the next ones.
-    """
-    del multilabel  # one rule for both: a single-label image's rarest label is its class
-    counts = _class_counts(train, num_classes)
-    strata: Dict[int, List[int]] = {}
-    for i, (_, labels) in enumerate(train):
-        key = min(labels, key=lambda c: (counts[c], c)) if labels else -1
-        strata.setdefault(key, []).append(i)
-    keys = sorted(strata, key=lambda k: (len(strata[k]), k))  # rarest first
-    rng = np.random.default_rng(seed)
-    sizes = np.array([len(strata[k]) for k in keys])
-    quotas = fraction * sizes
-    shares = np.floor(quotas).astype(np.int64)
-    remainders = np.round(quotas - shares, 9)  # equal sizes must tie despite float noise
-    draw = rng.permutation(len(keys))
-    by_remainder = sorted(range(len(keys)), key=lambda j: (-remainders[j], sizes[j], draw[j]))
-    target = int(np.floor(fraction * len(train) + 0.5))
-    shares[by_remainder[:max(0, target - int(shares.sum()))]] += 1
-
-    remaining = counts.copy()
-    chosen = np.zeros(len(train), dtype=bool)
-    orders = {key: rng.permutation(strata[key]) for key in keys}
-
-    def take(i: int) -> bool:
-        labels = set(train[i][1])
-        if chosen[i] or not all(remaining[c] > 1 for c in labels):
-            return False
-        chosen[i] = True
-        for c in labels:
-            remaining[c] -= 1
-        return True
-
-    owed = 0
-    for key, share in zip(keys, shares):
-        share += owed
-        for i in orders[key]:
-            if share == 0:
-                break
-            share -= take(int(i))
-        owed = share
-    for key in keys:  # what the last strata could not give, from any stratum that still can
-        for i in orders[key]:
-            if owed == 0:
-                break
-            owed -= take(int(i))
-    return ([e for i, e in enumerate(train) if not chosen[i]], [e for i, e in enumerate(train) if chosen[i]])
-
-
-def _carve_report(entries: Dict[str, List[Entry]], list_counts: np.ndarray, names: List[str],
-                  options: PrepareOptions, source: DatasetSource) -> dict:
-    carved, listed = len(entries["val"]), int(len(entries["val"]) + len(entries["train"]))
-    if not carved:
-        raise DataError(
-            f"no validation image could be carved from {source.name}'s train list ({listed} images, "
-            f"`prepare.val_fraction` {options.val_fraction}): "
-            + ("every class has a single training image. " if (list_counts <= 1).all() else
-               f"{options.val_fraction} of {listed} rounds to 0. ")
-            + "Give a `val_list`, or raise `prepare.val_fraction`.")
-    without = np.flatnonzero(_class_counts(entries["val"], len(names)) == 0)
-    return {"carved_from_train": carved, "fraction": options.val_fraction,
-            "achieved_fraction": round(carved / listed, 4), "train_list_images": listed, "seed": options.split_seed,
-            "classes_without_validation": [int(i) for i in without]}
 
 
 def save(prepared: Prepared, out_dir: Path) -> None:
@@ -528,21 +257,5 @@ def load(prepared_dir: Path) -> Prepared:
     return Prepared(meta["name"], meta["task"] == "multi", Path(meta["root"]), manifest, classes)
 
 
-def relative_to_cwd(path: Path) -> Path:
-    """Keep paths inside the repository relative, so a moved clone still works."""
-    path = Path(path).resolve()
-    try:
-        return path.relative_to(Path.cwd().resolve())
-    except ValueError:
-        return path
-
-
 def groups_for(multilabel: bool):
     return MULTI_GROUPS if multilabel else SINGLE_GROUPS
-
-
-def optional_path(value: Optional[str], root: Path) -> Optional[Path]:
-    if value is None:
-        return None
-    p = Path(value)
-    return p if p.is_absolute() else root / p

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ltpipe.core.errors import user_message
 from ltpipe.data import images
-from ltpipe.errors import user_message
 
 # Decode at most this size: libjpeg's DCT scaling still reads (and checks) the whole stream.
 _DRAFT_SIZE = 64

@@ -1,14 +1,9 @@
 """Image and text feature extraction with open_clip into the HDF5 cache.
 
-One forward pass per batch yields both the pooled embedding (after the
-projection) and the token grid, read by a forward hook:
-
-* ViT: the transformer's output, CLS + patch tokens, taken before the final
-  LayerNorm (``token_layer: pre_ln``, what Imbalance-VLM's decoder reads; Wang
-  et al. 2023, Sec. 3) or after it (``post_ln``, what open_clip's
-  ``output_tokens`` returns, but that drops the CLS token, so we keep it).
-* ResNet (``ModifiedResNet``): the last stage's spatial grid before attention
-  pooling, flattened to ``[H*W, C]``; ``token_layer`` does not apply.
+Every split is extracted in checkpointed shards (a killed run resumes from the shards it
+finished) and assembled into one file by :mod:`ltpipe.features.store`; with
+``extract.views``, augmented views of the training images too. What is read from the
+towers (token grids, text embeddings) is in :mod:`ltpipe.features.encoder`.
 """
 
 import hashlib
@@ -19,110 +14,24 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import ltpipe
-from ltpipe import paths
-from ltpipe.config import Params
+from ltpipe.core import paths
+from ltpipe.core.config import Params
+from ltpipe.core.errors import DataError, DiskFullError
+from ltpipe.core.runtime import autocast, data_loader_kwargs, resolve_device, resolve_precision
 from ltpipe.data import manifest
-from ltpipe.data.images import UnusableImage, read_rgb
 from ltpipe.data.manifest import Prepared
-from ltpipe.errors import ConfigError, DataError, DiskFullError
 from ltpipe.features import models, store
-from ltpipe.runtime import autocast, data_loader_kwargs, resolve_device, resolve_precision
-
-TOKEN_LAYERS = ("pre_ln", "post_ln")
-TEMPLATE_SETS = ("single", "imagenet80")
-SINGLE_TEMPLATE = "a photo of a {}."
-ON_BAD_IMAGE = ("fail", "skip")
-
-
-@dataclass
-class ExtractOptions:
-    batch_size: int = 64
-    workers: int = 2
-    tokens: bool = True
-    token_layer: str = "pre_ln"
-    templates: str = "single"
-    dtype: str = "float16"
-    checkpoint_every: int = 2048  # images between saved shards (rounded to whole batches)
-    views: int = 0  # augmented views of each training image, in train_views.h5 (0: none)
-    view_seed: int = 0
-    view_min_scale: float = 0.08  # smallest crop area, as a share of the image (Imbalance-VLM: 0.08)
-    draft: bool = False  # decode large JPEGs at reduced size (Pillow draft mode)
-    on_bad_image: str = "fail"  # fail | skip (skipped rows are left out and listed in the HDF5 file)
-
-    def validate(self) -> None:
-        if self.token_layer not in TOKEN_LAYERS:
-            raise ConfigError(f"`extract.token_layer` is {self.token_layer!r}; valid: {', '.join(TOKEN_LAYERS)}.")
-        if self.templates not in TEMPLATE_SETS:
-            raise ConfigError(f"`extract.templates` is {self.templates!r}; valid: {', '.join(TEMPLATE_SETS)}.")
-        if self.on_bad_image not in ON_BAD_IMAGE:
-            raise ConfigError(f"`extract.on_bad_image` is {self.on_bad_image!r}; valid: {', '.join(ON_BAD_IMAGE)}.")
-        if self.dtype not in store.DTYPES:
-            raise ConfigError(f"`extract.dtype` is {self.dtype!r}; valid: {', '.join(store.DTYPES)}.")
-
-
-class ImageFiles(Dataset):
-    """Images of a split. With ``draft_size``, JPEGs are decoded at the smallest DCT scale
-    (1/2, 1/4, 1/8) that keeps both sides at least ``draft_size`` (Pillow's draft mode):
-    much less decoding for images far larger than the model input, slightly different
-    pixels, so it is opt-in (``extract.draft``).
-
-    Images are read and converted by :mod:`ltpipe.data.images`. With ``hashes`` (prepare's
-    ``sha256`` column), each file's bytes must still be those prepare hashed.
-
-    With ``skip_bad``, an unreadable (or refused) image yields a black placeholder and its
-    error, so the batch goes on; the placeholder's row is dropped when the file is assembled.
-    A file changed since prepare is never skipped: the dataset itself is out of date."""
-
-    def __init__(self, root: Path, paths: Sequence[str], transform, draft_size: Optional[int] = None,
-                 skip_bad: bool = False, hashes: Optional[Sequence[str]] = None):
-        self.root = Path(root)
-        self.paths = list(paths)
-        self.transform = transform
-        self.draft_size = draft_size
-        self.skip_bad = skip_bad
-        self.hashes = list(hashes) if hashes is not None else None
-
-    @classmethod
-    def of_split(cls, prepared: Prepared, split: str, transform, draft_size: Optional[int] = None,
-                 skip_bad: bool = False) -> "ImageFiles":
-        """The images of a prepared split, checked against prepare's content hashes."""
-        rows = prepared.split(split)
-        return cls(prepared.root, rows["path"].tolist(), transform, draft_size, skip_bad,
-                   prepared.content_hashes(split))
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, index: int) -> Tuple[Image.Image, str]:
-        """The image as RGB and ``""``, or (skipping) a placeholder and the reason it is unreadable."""
-        path = self.root / self.paths[index]
-        try:
-            return read_rgb(path, self.hashes[index] if self.hashes else "", self.draft_size).image, ""
-        except UnusableImage as exc:
-            if self.skip_bad:
-                return Image.new("RGB", (32, 32)), f"{type(exc).__name__}: {exc}"
-            raise DataError(f"{exc} Or set `extract.on_bad_image: skip` to leave it out (it is then listed in the "
-                            "feature file).") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            if self.skip_bad:
-                return Image.new("RGB", (32, 32)), f"{type(exc).__name__}: {exc}"
-            raise DataError(
-                f"cannot read image {path}: {exc}. Replace or remove the file and re-run extraction, or set "
-                "`extract.on_bad_image: skip` to leave it out (it is then listed in the feature file)."
-            ) from None
-
-    def __getitem__(self, index: int):
-        image, error = self.load(index)
-        return self.transform(image), index, error
+from ltpipe.features.encoder import TokenTap, class_text_embeddings, input_size, preprocess_attrs
+from ltpipe.features.extract_options import ExtractOptions, options_from_params
+from ltpipe.features.image_files import ImageFiles
 
 
 def random_resized_crop_box(rng: np.random.Generator, width: int, height: int, scale=(0.08, 1.0),
@@ -186,48 +95,6 @@ class AugmentedViews(Dataset):
         if rng.random() < 0.5:
             image = TF.hflip(image)
         return TF.normalize(TF.to_tensor(image), self.mean, self.std), index, error
-
-
-class TokenTap:
-    """Forward hook that keeps the visual token grid of the last forward pass."""
-
-    def __init__(self, visual: torch.nn.Module, token_layer: str):
-        self.visual = visual
-        self.token_layer = token_layer
-        self.tokens: Optional[torch.Tensor] = None
-        if hasattr(visual, "transformer") and hasattr(visual, "ln_post"):
-            self.kind = "vit"
-            self.handle = visual.transformer.register_forward_hook(self._vit)
-        elif hasattr(visual, "layer4") and hasattr(visual, "attnpool"):
-            self.kind = "resnet"
-            self.handle = visual.layer4.register_forward_hook(self._resnet)
-        else:
-            raise ConfigError(
-                f"token extraction supports open_clip ViT and ResNet towers, not {type(visual).__name__}. "
-                "Set `extract.tokens: false` to cache pooled features only."
-            )
-
-    def _vit(self, module, inputs, output):
-        tokens = output
-        if self.token_layer == "post_ln":
-            tokens = self.visual.ln_post(tokens)
-        self.tokens = tokens
-
-    def _resnet(self, module, inputs, output):
-        self.tokens = output.flatten(2).transpose(1, 2)
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
-def preprocess_attrs(preprocess_cfg: Dict) -> Dict:
-    return {
-        "image_size": list(np.atleast_1d(preprocess_cfg.get("size", 224)).tolist()),
-        "interpolation": preprocess_cfg.get("interpolation", "bicubic"),
-        "resize_mode": preprocess_cfg.get("resize_mode", "shortest"),
-        "mean": list(preprocess_cfg.get("mean", ())),
-        "std": list(preprocess_cfg.get("std", ())),
-    }
 
 
 @dataclass(frozen=True)
@@ -369,12 +236,6 @@ def extract_rows(model, dataset: Dataset, name: str, root: Path, paths: List[str
             "skipped_images": len(skipped), "skipped": skipped[:20]}
 
 
-def input_size(visual) -> int:
-    """The side of the square images an open_clip image tower takes."""
-    cfg = getattr(visual, "preprocess_cfg", {}) or {}
-    return int(np.atleast_1d(cfg.get("size", 224))[0])
-
-
 def _draft_size(model, options: ExtractOptions) -> Optional[int]:
     return input_size(model.visual) if options.draft else None
 
@@ -451,32 +312,6 @@ def _assemble(shards: List[Path], per_shard: int, out_path: Path, labels: np.nda
     return [p for p, _ in skipped]
 
 
-def templates_for(name: str) -> List:
-    if name == "single":
-        return [SINGLE_TEMPLATE.format]
-    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-    return list(OPENAI_IMAGENET_TEMPLATES)
-
-
-def class_text_embeddings(model, tokenizer, prompts: Sequence[str], template_set: str, device: torch.device,
-                          precision: str):
-    """Class-name embeddings: each template encoded and L2-normalised, averaged, normalised again
-    (CLIP's zero-shot classifier, Radford et al. 2021, Sec. 3.1.4). Returns ``(mean [C, D],
-    per_template [C, T, D], texts)`` and the model's logit scale."""
-    templates = templates_for(template_set)
-    texts = [[template(p) for template in templates] for p in prompts]
-    flat = [t for per_class in texts for t in per_class]
-    with torch.inference_mode(), autocast(device, precision):
-        chunks = []
-        for start in range(0, len(flat), 256):
-            tokens = tokenizer(flat[start:start + 256]).to(device)
-            chunks.append(model.encode_text(tokens, normalize=True).float())
-        per_template = torch.cat(chunks).reshape(len(prompts), len(templates), -1)
-    mean = torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
-    logit_scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") else 100.0
-    return mean.cpu().numpy(), per_template.cpu().numpy(), texts, logit_scale
-
-
 def extract_text(model, tokenizer, prompts: Sequence[str], template_set: str, out_path: Path,
                  device: torch.device, precision: str, base_attrs: Dict) -> None:
     mean, per_template, texts, logit_scale = class_text_embeddings(model, tokenizer, prompts, template_set, device,
@@ -511,26 +346,6 @@ def run(prepared: Prepared, weights: models.ResolvedWeights, options: ExtractOpt
         extract_text(model, tokenizer, prepared.classes["prompt"].tolist(), options.templates,
                      out_dir / "text.h5", device, precision, base_attrs)
     return report
-
-
-def options_from_params(params: Params) -> ExtractOptions:
-    section = params.sub("extract")
-    options = ExtractOptions(
-        batch_size=section.int("batch_size", minimum=1),
-        workers=section.int("workers", minimum=0),
-        tokens=section.bool("tokens"),
-        token_layer=section.str("token_layer", choices=TOKEN_LAYERS),
-        templates=section.str("templates", choices=TEMPLATE_SETS),
-        dtype=section.str("dtype", choices=tuple(store.DTYPES)),
-        checkpoint_every=section.int("checkpoint_every", minimum=1),
-        views=section.int("views", minimum=0),
-        view_seed=section.int("view_seed", minimum=0),
-        view_min_scale=section.float("view_min_scale", minimum=0, maximum=1, exclusive_minimum=True),
-        draft=section.bool("draft"),
-        on_bad_image=section.str("on_bad_image", choices=ON_BAD_IMAGE),
-    )
-    options.validate()
-    return options
 
 
 def distributed_workers(device_name: str):

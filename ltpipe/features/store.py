@@ -1,7 +1,7 @@
 """The HDF5 feature cache: one self-describing file per split, plus one for text.
 
 Layout of a split file (contiguous, uncompressed: compression saves at most ~14 %
-on float16 embeddings and costs up to 150x on random reads, see README):
+on float16 embeddings and costs up to 150x on random reads, see docs/outputs.md):
 
 * ``pooled`` ``[N, D]`` image embeddings after the projection
 * ``tokens`` ``[N, T, W]`` token grid (ViT: CLS + patches; ResNet: last stage), optional,
@@ -13,12 +13,9 @@ on float16 embeddings and costs up to 150x on random reads, see README):
 * attributes: model arch, pretrained tag, weights sha256, preprocessing, token
   layer, dtype, ltpipe version, ``complete``, and ``checksums``.
 
-Checksums catch damage that keeps a file's size and modification time (bit rot, a bad
-copy), which neither HDF5 nor ``dvc status`` notices. ``checksums`` holds the CRC-32 of
-every dataset read whole (and of the other attributes), verified whenever the dataset is
-loaded; token grids are read a random batch at a time, so each row has its own CRC-32,
-verified the first time this process reads the row. CRC-32 (zlib) runs at ~4.7 GB/s here,
-4x sha1 and 8x md5 (``bench/features.py``), well under the cost of reading the bytes.
+Checksums (:mod:`ltpipe.features.checksums`) catch damage that keeps a file's size and
+modification time: writers record them, readers check every dataset they load and every
+token row the first time they read it.
 
 Writes go to ``<name>.partial`` and are renamed into place only when complete, so
 the output path never holds a half-written file; a failed write removes its
@@ -31,62 +28,31 @@ import io
 import json
 import os
 import sys
-import zlib
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import h5py
 import numpy as np
 
-from ltpipe.errors import DataError
-from ltpipe.paths import atomic_target, disk_full_error, is_disk_full, partial_path
+from ltpipe.core.errors import DataError
+from ltpipe.core.paths import atomic_target, disk_full_error, is_disk_full, partial_path
+from ltpipe.features.checksums import (
+    CHECKSUMS,
+    HDF5_READ_ERRORS,
+    ROW_CHECKSUMS,
+    CheckedFile,
+    array_checksum,
+    attrs_checksum,
+    damaged,
+    row_checksums,
+)
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
-CHECKSUMS = "checksums"  # file attribute: JSON {dataset name, or "attrs": CRC-32 as 8 hex digits}
-ROW_CHECKSUMS = {"tokens": "tokens_crc32"}  # datasets read in random rows -> their per-row CRC-32 dataset
-UNCHECKED_ATTRS = ("complete", CHECKSUMS)  # set after the checksums are taken
 # Token rows verified at a time by `verify_file` (a bounded buffer, however large the split).
 VERIFY_ROWS = 1024
-# Errors h5py raises when a file's structure (headers, heaps) is damaged.
-HDF5_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, IndexError)
 
 
-# ---------------------------------------------------------------- checksums
-
-
-def array_checksum(values: np.ndarray) -> str:
-    """CRC-32 of an array as h5py reads it: dtype, shape and bytes (strings: their lengths, then their bytes)."""
-    values = np.asarray(values)
-    crc = zlib.crc32(f"{values.dtype.str}{values.shape}".encode())
-    if values.dtype.kind == "O":
-        items = [item if isinstance(item, bytes) else str(item).encode() for item in values.ravel()]
-        crc = zlib.crc32(np.fromiter(map(len, items), dtype="<u8", count=len(items)), crc)
-        crc = zlib.crc32(b"".join(items), crc)
-    else:
-        crc = zlib.crc32(np.ascontiguousarray(values), crc)
-    return f"{crc:08x}"
-
-
-def attrs_checksum(attrs) -> str:
-    """CRC-32 of a file's attributes (but the ones set after it), in name order."""
-    crc = 0
-    for name in sorted(k for k in attrs.keys() if k not in UNCHECKED_ATTRS):
-        value = attrs[name]
-        if isinstance(value, str):
-            data = b"s" + value.encode()
-        elif isinstance(value, bytes):
-            data = b"b" + value
-        else:
-            value = np.asarray(value)
-            data = value.dtype.str.encode() + str(value.shape).encode() + np.ascontiguousarray(value).tobytes()
-        crc = zlib.crc32(data, zlib.crc32(name.encode() + b"\0", crc))
-    return f"{crc:08x}"
-
-
-def row_checksums(rows: np.ndarray) -> np.ndarray:
-    """CRC-32 of each row's bytes, ``[len(rows)]`` uint32."""
-    rows = np.ascontiguousarray(rows)
-    return np.fromiter((zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(rows))
+# ---------------------------------------------------------------- checksums recorded, token rows checked
 
 
 def record_checksums(fh: h5py.File) -> None:
@@ -94,79 +60,6 @@ def record_checksums(fh: h5py.File) -> None:
     sums = {name: array_checksum(fh[name][()]) for name in sorted(fh.keys()) if name not in ROW_CHECKSUMS}
     sums["attrs"] = attrs_checksum(fh.attrs)
     fh.attrs[CHECKSUMS] = json.dumps(sums, sort_keys=True)
-
-
-def damaged(path: Path, what: str,
-            problem: str = "fails its checksum (recorded when the file was written)") -> DataError:
-    path = Path(path)
-    return DataError(
-        f"feature cache {path} is damaged: {what} {problem} (bit rot or a bad copy; size and modification time "
-        f"can be unchanged, so `dvc status` does not see it). Restore DVC's copy with `dvc checkout --relink "
-        f"{path.parent}` (a plain `dvc checkout` sees nothing to do) and check it with `python -m "
-        f"ltpipe.features.verify {path}`; or delete {path} and re-extract: `dvc repro -f extract`."
-    )
-
-
-_warned_unchecked = set()
-
-
-class CheckedFile:
-    """An open cache file whose datasets are read whole and checked against ``checksums``.
-
-    A file written before ltpipe recorded checksums (or by hand) is read unchecked, with one
-    warning per process: the pipeline re-extracts it anyway, as extraction's code changed."""
-
-    def __init__(self, fh: h5py.File, path: Path, warn: bool = True):
-        self.fh = fh
-        self.path = Path(path)
-        raw = fh.attrs.get(CHECKSUMS)
-        self.sums: Optional[Dict[str, str]] = None
-        if raw is None:
-            if warn and str(self.path) not in _warned_unchecked:
-                _warned_unchecked.add(str(self.path))
-                print(f"WARNING: feature cache {self.path} carries no checksums (written by an older ltpipe or "
-                      "another tool), so damage to it cannot be detected. Re-extract to add them: delete it and "
-                      "run `dvc repro -f extract`.")
-            return
-        try:
-            sums = json.loads(raw)
-            if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
-                raise ValueError(raw)
-        except (ValueError, TypeError):
-            raise damaged(self.path, "the `checksums` attribute", "is not the JSON ltpipe wrote") from None
-        self.sums = sums
-        self._check("attrs", attrs_checksum(fh.attrs), "the set of its attributes (model, token layer, ...)")
-
-    @property
-    def checked(self) -> bool:
-        return self.sums is not None
-
-    def _check(self, name: str, actual: str, what: str) -> None:
-        expected = self.sums.get(name)
-        if expected is None:
-            raise damaged(self.path, what, "has no recorded checksum")
-        if expected != actual:
-            raise damaged(self.path, what)
-
-    def read(self, name: str) -> np.ndarray:
-        """Dataset ``name`` whole, checked."""
-        try:
-            values = self.fh[name][()]
-        except HDF5_READ_ERRORS as exc:
-            raise damaged(self.path, f"dataset `{name}`", f"cannot be read ({exc})") from None
-        if self.sums is not None:
-            self._check(name, array_checksum(values), f"dataset `{name}`")
-        return values
-
-    def row_sums(self, name: str) -> Optional[np.ndarray]:
-        """The per-row checksums of ``name`` (``tokens``), or None in a file without checksums."""
-        if self.sums is None:
-            return None
-        sums = self.read(ROW_CHECKSUMS[name])
-        if sums.shape != self.fh[name].shape[:1]:
-            raise damaged(self.path, f"dataset `{ROW_CHECKSUMS[name]}`", f"has shape {sums.shape}, not "
-                          f"{self.fh[name].shape[:1]}")
-        return sums
 
 
 def check_rows(path: Path, name: str, rows: np.ndarray, index: np.ndarray, expected: np.ndarray,

@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ltpipe import paths
-from ltpipe.errors import DataError
+from ltpipe.core import paths
+from ltpipe.core.errors import DataError
 from ltpipe.features import store
 
 

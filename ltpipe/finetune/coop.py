@@ -23,7 +23,7 @@ from open_clip.model import text_global_pool
 from torch import nn
 from torch.nn import functional as F
 
-from ltpipe.errors import ConfigError
+from ltpipe.core.errors import ConfigError
 from ltpipe.heads.zeroshot import ZeroShotHead
 
 # One BPE token in CLIP's vocabulary; its embedding rows are overwritten by the context, so only its

@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from ltpipe import heads
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError, DataError, WeightsError
-from ltpipe.features.extract import TokenTap, class_text_embeddings, input_size
+from ltpipe.core.errors import ConfigError, DataError, WeightsError
+from ltpipe.core.paths import atomic_target
+from ltpipe.core.runtime import load_tensors
+from ltpipe.features.encoder import TokenTap, class_text_embeddings, input_size
 from ltpipe.finetune.modes import Mode, is_vit
 from ltpipe.finetune.modes import rebuild as rebuild_mode
-from ltpipe.paths import atomic_target
-from ltpipe.runtime import load_tensors
 
 NO_GRADIENT_HEADS = ("knn", "ncm")  # fitted in one pass on features: nothing to back-propagate into
 CHECKPOINT_FORMAT = "ltpipe-finetune-1"
@@ -128,7 +127,7 @@ def check_head(mode: Mode, head_name: str) -> None:
                           f"set `head: zeroshot` (now {head_name!r}).")
 
 
-def build_model(clip_model: nn.Module, tokenizer, mode: Mode, head_name: str, head_section: Optional[Params],
+def build_model(clip_model: nn.Module, tokenizer, mode: Mode, head_name: str, head_options,
                 class_prompts: Sequence[str], token_layer: str, templates: str, device: torch.device,
                 precision: str) -> FinetuneModel:
     """The model ``mode`` fine-tunes: frozen text tower, encoder parameters set by the mode,
@@ -147,7 +146,7 @@ def build_model(clip_model: nn.Module, tokenizer, mode: Mode, head_name: str, he
         pooled_dim, token_shape = probe_shapes(visual, token_layer)
         ctx = heads.HeadContext(len(class_prompts), pooled_dim, token_shape, text, logit_scale,
                                 tokens_have_cls=is_vit(visual))
-        head = heads.build(head_name, head_section, ctx)
+        head = heads.build(head_name, head_options, ctx)
     frozen = freeze_unreached(visual, head.input, token_layer)
     if frozen:
         print(f"frozen, as the head reads the token grid before them: {', '.join(frozen)}")

@@ -18,76 +18,92 @@ Parameters of a trainable part that do not reach the head's input (``ln_post`` a
 :func:`ltpipe.finetune.model.freeze_unreached`: they would never get a gradient.
 """
 
+import dataclasses
 import math
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
 
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
-from ltpipe.registry import Registry
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.options import NoOptions, option
+from ltpipe.core.registry import Registry
 
-MODES: Registry = Registry("fine-tuning mode", "finetune.modes")
+MODES: Registry = Registry("fine-tuning mode", "finetune.modes", section="finetune")
+
+
+def register(name: str, options: type = NoOptions, *, vit_only: bool, text_prompts: bool = False):
+    """Register a mode class under ``name`` with its options dataclass and capabilities:
+
+    - ``vit_only``: needs a ViT image encoder (it selects transformer blocks or extends the token sequence);
+    - ``text_prompts``: trains the zero-shot head's text context instead of the image encoder.
+    """
+
+    def decorator(cls):
+        cls.name = name  # a mode rebuilt from a checkpoint knows its name and what it trains
+        cls.text_prompts = text_prompts
+        return MODES.register(name, options, vit_only=vit_only, text_prompts=text_prompts)(cls)
+
+    return decorator
 
 
 def is_vit(visual: nn.Module) -> bool:
     return hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks") and hasattr(visual, "ln_post")
 
 
-def _need_vit(visual: nn.Module, mode: str) -> None:
-    if not is_vit(visual):
-        raise ConfigError(f"fine-tuning mode {mode!r} needs a ViT image encoder, not {type(visual).__name__}. "
-                          "Use `full` or `bitfit` with ResNet architectures.")
-
-
 class Mode:
     """A mode: which encoder parameters train, and any module it adds (VPT's prompts)."""
 
     name = ""
-    text_prompts = False  # coop: trains the text side of the zero-shot head instead
+    text_prompts = False
 
-    def __init__(self, **kwargs):
-        self.kwargs: Dict = kwargs  # JSON-able, saved with the fine-tuned model
+    def __init__(self, options: Any):
+        self.options = options
 
-    @classmethod
-    def from_params(cls, section: Optional[Params]) -> "Mode":
-        return cls()
+    @property
+    def kwargs(self) -> Dict:
+        """The options as JSON-able values, saved with the fine-tuned model."""
+        return dataclasses.asdict(self.options)
 
     def apply(self, visual: nn.Module) -> Optional[nn.Module]:
         """Set ``requires_grad`` on ``visual``'s parameters; return a module to add, if any."""
+        if MODES.capability(self.name, "vit_only") and not is_vit(visual):
+            others = " or ".join(f"`{n}`" for n in MODES.names(vit_only=False, text_prompts=False))
+            raise ConfigError(f"fine-tuning mode {self.name!r} needs a ViT image encoder, not "
+                              f"{type(visual).__name__}. Use {others} with ResNet architectures.")
+        return self._apply(visual)
+
+    def _apply(self, visual: nn.Module) -> Optional[nn.Module]:
         raise NotImplementedError
 
 
-@MODES.register("full")
+@register("full", vit_only=False)
 class Full(Mode):
-    name = "full"
+    """The whole image encoder."""
 
-    def apply(self, visual):
+    def _apply(self, visual):
         visual.requires_grad_(True)
         return None
 
 
-@MODES.register("partial")
+@dataclass(frozen=True)
+class PartialOptions:
+    blocks: int = option(2, minimum=1, doc="the last blocks trained (with the final LayerNorm and projection)")
+
+
+@register("partial", PartialOptions, vit_only=True)
 class Partial(Mode):
-    name = "partial"
+    """The last transformer blocks, the final LayerNorm and the projection."""
 
-    def __init__(self, blocks: int = 2):
-        super().__init__(blocks=blocks)
-        self.blocks = blocks
-
-    @classmethod
-    def from_params(cls, section):
-        return cls(section.int("blocks", minimum=1, default=2) if section is not None else 2)
-
-    def apply(self, visual):
-        _need_vit(visual, self.name)
+    def _apply(self, visual):
         blocks = visual.transformer.resblocks
-        if self.blocks > len(blocks):
-            raise ConfigError(f"`finetune.partial.blocks` is {self.blocks} but the encoder has {len(blocks)} blocks; "
+        count = self.options.blocks
+        if count > len(blocks):
+            raise ConfigError(f"`finetune.partial.blocks` is {count} but the encoder has {len(blocks)} blocks; "
                               f"use 1-{len(blocks)} (or mode `full`).")
         visual.requires_grad_(False)
-        for block in blocks[len(blocks) - self.blocks:]:
+        for block in blocks[len(blocks) - count:]:
             block.requires_grad_(True)
         visual.ln_post.requires_grad_(True)
         if isinstance(getattr(visual, "proj", None), nn.Parameter):
@@ -98,11 +114,11 @@ class Partial(Mode):
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d, nn.BatchNorm1d)
 
 
-@MODES.register("bitfit")
+@register("bitfit", vit_only=False)
 class BitFit(Mode):
-    name = "bitfit"
+    """Biases and normalisation parameters only (Ben Zaken et al., ACL 2022)."""
 
-    def apply(self, visual):
+    def _apply(self, visual):
         visual.requires_grad_(False)
         for module in visual.modules():
             is_norm = isinstance(module, NORMS)
@@ -137,49 +153,43 @@ class VisualPrompts(nn.Module):
                          visual.transformer.register_forward_hook(drop)]
 
 
-@MODES.register("vpt")
+@dataclass(frozen=True)
+class VptOptions:
+    prompts: int = option(8, minimum=1, doc="VPT-shallow prompt tokens")
+
+
+@register("vpt", VptOptions, vit_only=True)
 class Vpt(Mode):
-    name = "vpt"
+    """Learnable prompt tokens after CLS, the encoder frozen (VPT-shallow, Jia et al., ECCV 2022)."""
 
-    def __init__(self, prompts: int = 8):
-        super().__init__(prompts=prompts)
-        self.prompts = prompts
-
-    @classmethod
-    def from_params(cls, section):
-        return cls(section.int("prompts", minimum=1, default=8) if section is not None else 8)
-
-    def apply(self, visual):
-        _need_vit(visual, self.name)
+    def _apply(self, visual):
         visual.requires_grad_(False)
         patch = visual.conv1.kernel_size[0] if hasattr(visual, "conv1") else 16
-        return VisualPrompts(self.prompts, visual.transformer.width, patch)
+        return VisualPrompts(self.options.prompts, visual.transformer.width, patch)
 
 
-@MODES.register("coop")
+@dataclass(frozen=True)
+class CoOpOptions:
+    context: int = option(4, minimum=1, doc="learnable context vectors")
+    init: Optional[str] = option("a photo of a", doc="words to initialise the context from (as many tokens as "
+                                                     "`context`); null: random")
+
+
+@register("coop", CoOpOptions, vit_only=False, text_prompts=True)
 class CoOp(Mode):
-    name = "coop"
-    text_prompts = True
+    """Learnable text context for the zero-shot head, encoders frozen (Zhou et al., IJCV 2022)."""
 
-    def __init__(self, context: int = 4, init: Optional[str] = "a photo of a"):
-        super().__init__(context=context, init=init)
-        self.context = context
-        self.init = init
-
-    @classmethod
-    def from_params(cls, section):
-        if section is None:
-            return cls()
-        return cls(section.int("context", minimum=1, default=4), section.optional_str("init", default="a photo of a"))
-
-    def apply(self, visual):
+    def _apply(self, visual):
         visual.requires_grad_(False)
         return None
 
 
-def build(name: str, section: Optional[Params]) -> Mode:
-    return MODES.get(name).from_params(section)
+def build(name: str, options: Any = None) -> Mode:
+    """Mode ``name`` with its typed ``options`` (``MODES.options(name, params)``; ``None``: the defaults)."""
+    entry = MODES.entry(name)
+    return entry.obj(entry.options() if options is None else options)
 
 
 def rebuild(name: str, kwargs: Dict) -> Mode:
-    return MODES.get(name)(**kwargs)
+    """Mode ``name`` from a checkpoint's ``kwargs``; an option missing from them takes its default."""
+    return build(name, MODES.entry(name).options(**kwargs))

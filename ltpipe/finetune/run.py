@@ -18,18 +18,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ltpipe import losses, metrics, paths
-from ltpipe.config import Params
+from ltpipe import losses
+from ltpipe.core import paths
+from ltpipe.core.config import Params
+from ltpipe.core.runtime import autocast, data_loader_kwargs, load_tensors, resolve_precision, seed_everything
 from ltpipe.data import manifest
-from ltpipe.evaluation import check_task, model_id, write_metrics
+from ltpipe.evaluation import metrics
+from ltpipe.evaluation.results import check_task, model_id, write_metrics
 from ltpipe.features import models
 from ltpipe.features.extract import ImageFiles, Workers, distributed_workers
 from ltpipe.finetune import model as ft_model
 from ltpipe.finetune import modes
 from ltpipe.finetune.train import FinetuneConfig, finetune
-from ltpipe.runtime import autocast, data_loader_kwargs, load_tensors, resolve_precision, seed_everything
-from ltpipe.samplers import SAMPLERS
-from ltpipe.training import class_counts, match_head_to_loss, validate_choice
+from ltpipe.training.loop import class_counts, match_head_to_loss
+from ltpipe.training.samplers import SAMPLERS
+from ltpipe.training.spec import read_run_spec
 
 
 @torch.inference_mode()
@@ -97,12 +100,11 @@ def _step_of(line: str, column: int) -> float:
 def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = None) -> Dict:
     """Fine-tune in mode ``mode_name``; ``make_logger(log_dir, resume_step)`` gives a context
     manager yielding a per-step logging function (the stage script's dvclive)."""
-    mode = modes.build(mode_name, params.optional_sub(f"finetune.{mode_name}"))
+    mode = modes.build(mode_name, modes.MODES.options(mode_name, params))
     cfg = FinetuneConfig.from_params(params.sub("finetune.train"))
     prepared = manifest.load(paths.PREPARED_DIR)
     task = "multi" if check_task(params, prepared) else "single"
-    choice = validate_choice(params.str("head"), params.str("loss"), params.str("sampler"), None,
-                             params.int("seed", minimum=0), task)
+    choice = read_run_spec(params, task, train_key=None, with_stage2=False)
     ft_model.check_head(mode, choice.head)
     token_layer = params.str("extract.token_layer")
     templates = params.str("extract.templates")
@@ -114,13 +116,13 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     if cfg.grad_checkpointing:
         clip_model.set_grad_checkpointing(True)
     prompts = prepared.classes["prompt"].tolist()
-    model = ft_model.build_model(clip_model, tokenizer, mode, choice.head, params.optional_sub(f"heads.{choice.head}"),
+    model = ft_model.build_model(clip_model, tokenizer, mode, choice.head, choice.head_options,
                                  prompts, token_layer, templates, device, precision)
     del clip_model
     labels = prepared.label_array("train")
-    loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"),
-                           class_counts(labels, prepared.num_classes), len(labels))
-    match_head_to_loss(model.head, loss_fn, choice.loss)
+    loss_fn = losses.build(choice.loss, task, choice.loss_options, class_counts(labels, prepared.num_classes),
+                           len(labels))
+    match_head_to_loss(choice.head, model.head, choice.loss, loss_fn)
     if getattr(model.head, "ema_decay", 0.0) > 0 and cfg.ema == 0:
         print(f"WARNING: `heads.{choice.head}.ema` applies to the cached path; fine-tuning averages weights with "
               "`finetune.train.ema` (now 0: off).")

@@ -1,8 +1,8 @@
 """The end-to-end fine-tuning loop, on one process or many (``torchrun``).
 
 Losses, samplers, heads and the warm-up + cosine schedule are the cached path's own
-(:mod:`ltpipe.losses`, :mod:`ltpipe.samplers`, :mod:`ltpipe.heads`,
-:func:`ltpipe.training.warmup_cosine`); this module adds what images need.
+(:mod:`ltpipe.losses`, :mod:`ltpipe.training.samplers`, :mod:`ltpipe.heads`,
+:func:`ltpipe.training.loop.warmup_cosine`); this module adds what images need.
 
 * **Global batch.** Each step draws ``batch_size`` indices from the sampler's epoch
   order, whatever the number of processes: the batch is split into
@@ -25,74 +25,64 @@ Losses, samplers, heads and the warm-up + cosine schedule are the cached path's 
 * **EMA.** An exponential moving average of the trainable parameters only (the frozen
   ones cannot change), validated and kept when ``ema > 0``.
 
-The model kept is the last one (fine-tuning runs a cosine schedule to zero; keeping the
-best epoch would need a second copy of the encoder in every checkpoint).
+The loop itself, its EMA and its policies are the cached path's
+(:class:`ltpipe.training.trainer.Trainer`): here the policies are ``last_batch: drop`` and
+``select: last`` (fine-tuning runs a cosine schedule to zero; keeping the best epoch would
+need a second copy of the encoder in every checkpoint).
 """
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError, TrainingError
-from ltpipe.features.extract import AugmentedViews, ImageFiles, Workers
-from ltpipe.paths import atomic_target
-from ltpipe.runtime import autocast, data_loader_kwargs, load_tensors
-from ltpipe.samplers import class_members
-from ltpipe.training import OPTIMIZERS, build_optimizer, progress_bar, warmup_cosine
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.options import option, parse
+from ltpipe.core.paths import atomic_target
+from ltpipe.core.runtime import data_loader_kwargs, load_tensors
+from ltpipe.features.extract import AugmentedViews, Workers
+from ltpipe.features.image_files import ImageFiles
+from ltpipe.training.loop import build_optimizer, progress_bar
+from ltpipe.training.samplers import class_members
+from ltpipe.training.spec import OPTIMIZERS
+from ltpipe.training.trainer import LoopOptions, Plan, Trainer, WeightAverage, batches_of
 
 # Embeddings and learned prompt vectors are exempt from weight decay, as are biases and norms.
 NO_DECAY = ("positional_embedding", "class_embedding", "prompts.tokens", "head.context")
 
 
-@dataclass
+@dataclass(frozen=True)
 class FinetuneConfig:
-    epochs: int = 10
-    iterations: Optional[int] = None  # optimiser steps; when set, replaces `epochs`
-    batch_size: int = 64  # global: over all processes and accumulation steps
-    micro_batch: int = 64  # images per forward pass in one process
-    optimizer: str = "adamw"
-    lr: float = 1e-5  # pretrained encoder parameters
-    head_lr: float = 1e-3  # parameters fine-tuning adds: the head, VPT prompts, CoOp context
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    momentum: float = 0.9
-    clip_grad_norm: float = 1.0  # 0: off
-    ema: float = 0.0  # decay; 0: off
-    checkpoint_every: int = 200  # steps
-    min_scale: float = 0.08  # smallest random crop, as a share of the image area
-    workers: int = 2
-    grad_checkpointing: bool = False
+    """The optimiser, schedule and data loading of end-to-end fine-tuning (`finetune.train`)."""
+
+    epochs: int = option(10, minimum=1)
+    iterations: Optional[int] = option(None, minimum=1, doc="optimiser steps; when set, replaces epochs")
+    batch_size: int = option(64, minimum=1, doc="global: split over processes and accumulation steps")
+    micro_batch: int = option(64, minimum=1, doc="images per forward pass and process")
+    optimizer: str = option("adamw", choices=OPTIMIZERS, doc="adamw, or sgd with Nesterov momentum")
+    lr: float = option(1e-5, above=0, doc="pretrained encoder parameters")
+    head_lr: float = option(1e-3, above=0, doc="what fine-tuning adds: the head, VPT prompts, CoOp context")
+    weight_decay: float = option(0.05, minimum=0)
+    warmup_epochs: float = option(1.0, minimum=0)
+    momentum: float = option(0.9, minimum=0, maximum=1, doc="sgd only")
+    clip_grad_norm: float = option(1.0, minimum=0, doc="0: off")
+    ema: float = option(0.0, minimum=0, maximum=0.999999,  # 1 would never move from the start
+                        doc="EMA decay of the trainable weights (e.g. 0.999); 0: off")
+    checkpoint_every: int = option(200, minimum=1, doc="steps; a killed run resumes from the last checkpoint")
+    min_scale: float = option(0.08, above=0, maximum=1, doc="random resized crop: smallest area share")
+    workers: int = option(2, minimum=0, doc="DataLoader worker processes (per process)")
+    grad_checkpointing: bool = option(False, doc="recompute activations in backward: less memory, slower")
 
     @classmethod
     def from_params(cls, section: Params) -> "FinetuneConfig":
-        return cls(
-            epochs=section.int("epochs", minimum=1),
-            iterations=(None if section.raw("iterations", None) is None
-                        else section.int("iterations", minimum=1)),
-            batch_size=section.int("batch_size", minimum=1),
-            micro_batch=section.int("micro_batch", minimum=1),
-            optimizer=section.str("optimizer", choices=OPTIMIZERS),
-            lr=section.float("lr", minimum=0, exclusive_minimum=True),
-            head_lr=section.float("head_lr", minimum=0, exclusive_minimum=True),
-            weight_decay=section.float("weight_decay", minimum=0),
-            warmup_epochs=section.float("warmup_epochs", minimum=0),
-            momentum=section.float("momentum", minimum=0, maximum=1),
-            clip_grad_norm=section.float("clip_grad_norm", minimum=0),
-            ema=section.float("ema", minimum=0, maximum=0.999999),  # 1 would never move from the start
-            checkpoint_every=section.int("checkpoint_every", minimum=1),
-            min_scale=section.float("min_scale", minimum=0, maximum=1, exclusive_minimum=True),
-            workers=section.int("workers", minimum=0),
-            grad_checkpointing=section.bool("grad_checkpointing"),
-        )
+        return parse(cls, section)
 
     def accumulation(self, world: int) -> int:
         return math.ceil(self.batch_size / (world * self.micro_batch))
@@ -123,41 +113,6 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimiz
     return build_optimizer(param_groups(model, cfg), cfg.optimizer, cfg.lr, cfg.momentum)
 
 
-class ShadowEMA:
-    """``shadow = decay * shadow + (1 - decay) * param`` after every step, for trainable parameters."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
-
-    def swap(self) -> None:
-        """Exchange the model's trainable weights with the averages (storage, not copies)."""
-        for i, param in enumerate(self.params):
-            param.data, self.shadow[i] = self.shadow[i], param.data
-
-    @contextlib.contextmanager
-    def swapped_in(self):
-        """The model with the averaged weights, restored afterwards."""
-        self.swap()
-        try:
-            yield
-        finally:
-            self.swap()
-
-    def state_dict(self) -> List[torch.Tensor]:
-        return [s.detach().cpu() for s in self.shadow]
-
-    def load_state_dict(self, state: List[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for s, saved in zip(self.shadow, state):
-                s.copy_(saved)
-
-
 def _rng_state(device: torch.device) -> Dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -179,7 +134,7 @@ class ResumeState:
         self.workers = workers
         self.saved: Dict = {}  # what the last save recorded besides the state (last loss, val score)
 
-    def save(self, step: int, model, optimizer, schedule, scaler, ema: Optional[ShadowEMA],
+    def save(self, step: int, model, optimizer, schedule, scaler, ema: Optional[WeightAverage],
              device: torch.device, **record) -> None:
         rng = _rng_state(device)
         if self.workers.world > 1:
@@ -197,7 +152,7 @@ class ResumeState:
                 torch.save(payload, partial)
         self.workers.barrier()
 
-    def load(self, model, optimizer, schedule, scaler, ema: Optional[ShadowEMA], device: torch.device) -> int:
+    def load(self, model, optimizer, schedule, scaler, ema: Optional[WeightAverage], device: torch.device) -> int:
         """Restore the last save, if any; return the step to continue from."""
         if not self.path.is_file():
             return 0
@@ -217,42 +172,31 @@ class ResumeState:
         return int(saved["step"])
 
 
-@dataclass
-class Plan:
-    """Steps and batches of a run, fixed by the data size and the config."""
-
-    steps_per_epoch: int
-    total_steps: int
-    epochs: int
-    warmup_steps: int
-    accumulation: int
-
-    @classmethod
-    def make(cls, num_images: int, cfg: FinetuneConfig, world: int) -> "Plan":
-        if num_images < cfg.batch_size:
-            raise ConfigError(f"`finetune.train.batch_size` ({cfg.batch_size}) is larger than the training split "
-                              f"({num_images} images); lower it.")
-        accumulation = cfg.accumulation(world)
-        if cfg.batch_size < world * accumulation:
-            raise ConfigError(f"`finetune.train.batch_size` ({cfg.batch_size}) must give each of the {world} "
-                              "processes at least one image per micro-batch: raise it (or `micro_batch`, for fewer "
-                              "accumulation steps), or use fewer processes.")
-        steps_per_epoch = num_images // cfg.batch_size
-        total = cfg.iterations or cfg.epochs * steps_per_epoch
-        return cls(steps_per_epoch, total, math.ceil(total / steps_per_epoch),
-                   round(cfg.warmup_epochs * steps_per_epoch), accumulation)
+def plan_run(num_images: int, cfg: FinetuneConfig, world: int) -> Tuple[Plan, int]:
+    """The step plan (an epoch's last, shorter batch dropped: see :mod:`ltpipe.training.trainer`) and
+    the accumulation steps of a run."""
+    if num_images < cfg.batch_size:
+        raise ConfigError(f"`finetune.train.batch_size` ({cfg.batch_size}) is larger than the training split "
+                          f"({num_images} images); lower it.")
+    accumulation = cfg.accumulation(world)
+    if cfg.batch_size < world * accumulation:
+        raise ConfigError(f"`finetune.train.batch_size` ({cfg.batch_size}) must give each of the {world} "
+                          "processes at least one image per micro-batch: raise it (or `micro_batch`, for fewer "
+                          "accumulation steps), or use fewer processes.")
+    return Plan.make(num_images, cfg.batch_size, cfg.epochs, cfg.iterations, cfg.warmup_epochs, "drop"), accumulation
 
 
 def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, labels: np.ndarray, num_classes: int,
              cfg: FinetuneConfig, seed: int, device: torch.device, precision: str,
              workers: Workers, work_dir: Path, log_step: Optional[Callable[[Dict], None]] = None,
              validate: Optional[Callable[[nn.Module], float]] = None) -> Dict:
-    """Fine-tune ``model`` (a :class:`ltpipe.finetune.model.FinetuneModel`) in place; return a summary.
+    """Fine-tune ``model`` (a :class:`ltpipe.finetune.model.FinetuneModel`) in place with
+    :class:`~ltpipe.training.trainer.Trainer`; return a summary. The model kept is the last one.
 
     Training images are augmented at the encoder's input size and normalisation. ``validate(model)``,
     when given, scores the model on the validation split at the end of every epoch.
     """
-    plan = Plan.make(len(labels), cfg, workers.world)
+    plan, accumulation = plan_run(len(labels), cfg, workers.world)
     if plan.warmup_steps >= plan.total_steps:
         print(f"WARNING: the warm-up ({plan.warmup_steps} steps) covers all {plan.total_steps} steps: the learning "
               "rate never reaches `finetune.train.lr` nor decays.")
@@ -260,93 +204,72 @@ def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, la
     target = torch.from_numpy(labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64))
     views = AugmentedViews.for_encoder(files, plan.epochs, model.encoder.visual, seed, cfg.min_scale)
     loss_fn.to(device)
-    optimizer = make_optimizer(model, cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan.total_steps, plan.warmup_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    ema = ShadowEMA(model, cfg.ema) if cfg.ema > 0 else None
+    resume = ResumeState(work_dir, workers)
+
+    def nonfinite(loss: float, epoch: int, step: int) -> str:
+        return (f"the fine-tuning loss became {loss} at step {step}. Lower `finetune.train.lr` / `head_lr` (now "
+                f"{cfg.lr} / {cfg.head_lr}); the last checkpoint ({resume.path}) is kept.")
+
+    options = LoopOptions(select="last", ema=cfg.ema, clip_grad_norm=cfg.clip_grad_norm, precision=precision,
+                          world=workers.world, nonfinite=nonfinite)
+    trainer = Trainer(model, loss_fn, make_optimizer(model, cfg), plan, device, options)
     if workers.world > 1 and workers.rank > 0:
         torch.manual_seed(seed + 7919 * workers.rank)  # dropout masks differ across processes
-    resume = ResumeState(work_dir, workers)
-    step = resume.load(model, optimizer, schedule, scaler, ema, device)
-    if step:
-        print(f"resuming fine-tuning at step {step} of {plan.total_steps} from {resume.path}")
-    trained = model
+    trainer.step = resume.load(model, trainer.optimizer, trainer.schedule, trainer.scaler, trainer.ema, device)
+    if trainer.step:
+        print(f"resuming fine-tuning at step {trainer.step} of {plan.total_steps} from {resume.path}")
+    trainer.outcome.last_loss, trainer.outcome.last_score = resume.saved.get("loss"), resume.saved.get("val_score")
     if workers.world > 1:
-        trained = nn.parallel.DistributedDataParallel(
+        trainer.trained = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    started, first_step = time.perf_counter(), step
-    last = {"loss": resume.saved.get("loss"), "val_score": resume.saved.get("val_score")}
-    bar = progress_bar(plan.total_steps, f"finetune ({plan.epochs} epochs)", unit="step", initial=step,
-                       disable=workers.rank > 0)
-    while step < plan.total_steps:
-        epoch, offset = divmod(step, plan.steps_per_epoch)
+
+    def feed(epoch: int, first: int, end: int):
         order = sampler(members, len(labels), seed, epoch)
-        end = min(plan.steps_per_epoch, plan.total_steps - epoch * plan.steps_per_epoch)
-        batches = [order[k * cfg.batch_size:(k + 1) * cfg.batch_size] for k in range(offset, end)]
-        mine = [piece for batch in batches for piece in micro_batches(batch, workers.world, plan.accumulation,
+        batches = batches_of(order, cfg.batch_size, first, end)
+        mine = [piece for batch in batches for piece in micro_batches(batch, workers.world, accumulation,
                                                                       workers.rank)]
         # Its own generator: creating the iterator must not draw from the global RNG (dropout's).
         loader = DataLoader(views, batch_sampler=[(piece * plan.epochs + epoch).tolist() for piece in mine],
                             generator=torch.Generator(), **data_loader_kwargs(device, cfg.workers))
-        model.train()
         micro = iter(zip(loader, mine))
-        for batch in batches:
-            step_loss = torch.zeros((), device=device)
-            for a in range(plan.accumulation):
+
+        def step_batches(batch):
+            for a in range(accumulation):
                 (images, _, _), piece = next(micro)
-                sync = a == plan.accumulation - 1 or workers.world == 1
-                with (contextlib.nullcontext() if sync else trained.no_sync()):
-                    with autocast(device, precision):
-                        logits = trained(images.to(device, non_blocking=True))
-                    if hasattr(loss_fn, "set_progress"):
-                        loss_fn.set_progress(step, plan.total_steps)
-                    share = len(piece) / len(batch)
-                    loss = loss_fn(logits.float(), target[torch.from_numpy(piece)].to(device)) * share
-                    scaler.scale(loss * workers.world).backward()  # DDP averages over processes
-                step_loss += loss.detach()
-            if workers.world > 1:
-                torch.distributed.all_reduce(step_loss)  # each share is already weighted by its images
-            step_loss = float(step_loss)
-            if not math.isfinite(step_loss):
-                bar.close()
-                # Every process sees the same reduced loss, so all stop here together.
-                raise TrainingError(
-                    f"the fine-tuning loss became {step_loss} at step {step}. Lower `finetune.train.lr` / `head_lr` "
-                    f"(now {cfg.lr} / {cfg.head_lr}); the last checkpoint ({resume.path}) is kept.")
-            row = {"step": step + 1, "epoch": epoch, "loss": step_loss,
-                   **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}  # the rates this step used
-            if cfg.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            if ema is not None:
-                ema.update()
-            step += 1
-            last["loss"] = step_loss
-            if log_step is not None and workers.rank == 0:
-                log_step(row)
-            if validate is not None and (step % plan.steps_per_epoch == 0 or step == plan.total_steps):
-                # Before the checkpoint of this step: a resumed run never skips an epoch's validation.
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    with (ema.swapped_in() if ema is not None else contextlib.nullcontext()):
-                        last["val_score"] = validate(model)
-                if log_step is not None and workers.rank == 0:
-                    log_step({"step": step, "epoch": epoch, "val_score": last["val_score"]})
-            if step % cfg.checkpoint_every == 0 or step == plan.total_steps:
-                resume.save(step, model, optimizer, schedule, scaler, ema, device, **last)
-            shown = "" if last["val_score"] is None else f", val {last['val_score']:.4f}"
-            bar.set_postfix_str(f"epoch {epoch}, loss {step_loss:.4g}{shown}", refresh=False)
-            bar.update()
-    bar.close()
-    if ema is not None:
-        ema.swap()  # the average is the model kept
+                share, last = len(piece) / len(batch), a == accumulation - 1
+                yield images.to(device, non_blocking=True), target[torch.from_numpy(piece)], share, last
+
+        for batch in batches:
+            yield step_batches(batch)
+
+    started, first_step = time.perf_counter(), trainer.step
+    bar = progress_bar(plan.total_steps, f"finetune ({plan.epochs} epochs)", unit="step", initial=trainer.step,
+                       disable=workers.rank > 0)
+
+    def on_step(row: Dict) -> None:
+        if log_step is not None and workers.rank == 0:
+            log_step({"step": row["step"], "epoch": row["epoch"], "loss": row["loss"],
+                      **{f"lr/{name}": rate for name, rate in row["rates"].items()}})  # the rates this step used
+
+    def on_epoch(row: Dict) -> None:
+        if validate is not None and log_step is not None and workers.rank == 0:
+            log_step({"step": row["step"], "epoch": row["epoch"], "val_score": row["val_score"]})
+
+    def after_step(step: int) -> None:
+        last = {"loss": trainer.outcome.last_loss, "val_score": trainer.outcome.last_score}
+        if step % cfg.checkpoint_every == 0 or step == plan.total_steps:
+            resume.save(step, model, trainer.optimizer, trainer.schedule, trainer.scaler, trainer.ema, device, **last)
+        shown = "" if last["val_score"] is None else f", val {last['val_score']:.4f}"
+        bar.set_postfix_str(f"epoch {plan.epoch_steps(step - 1)[0]}, loss {last['loss']:.4g}{shown}", refresh=False)
+        bar.update()
+
+    try:
+        outcome = trainer.run(feed, validate, on_step=on_step, on_epoch=on_epoch, after_step=after_step)
+    finally:
+        bar.close()
     seconds = time.perf_counter() - started
-    steps_done = step - first_step
+    steps_done = trainer.step - first_step
     return {"steps": plan.total_steps, "epochs": plan.epochs, "resumed_from_step": first_step,
-            "accumulation": plan.accumulation, "processes": workers.world, "seconds": round(seconds, 2),
+            "accumulation": accumulation, "processes": workers.world, "seconds": round(seconds, 2),
             "steps_per_second": round(steps_done / seconds, 3) if steps_done else None,
-            "final_loss": last["loss"], "val_score": last["val_score"]}
+            "final_loss": outcome.last_loss, "val_score": outcome.last_score}

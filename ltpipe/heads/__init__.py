@@ -5,20 +5,36 @@ A head declares which cached input it reads (``pooled`` embeddings or the
 are saved with the weights so :func:`rebuild` restores it exactly.
 """
 
+import inspect
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
-from ltpipe.config import Params
-from ltpipe.errors import DataError
-from ltpipe.paths import atomic_target
-from ltpipe.registry import Registry
-from ltpipe.runtime import load_tensors
+from ltpipe.core.options import NoOptions, defaults
+from ltpipe.core.registry import Registry, import_package_modules
 
-HEADS: Registry = Registry("head", "head")
+HEADS: Registry = Registry("head", "head", section="heads")
+TASKS = ("single", "multi")
+
+
+def register(name: str, options: type = NoOptions, *, input: str, trains: bool,
+             adjustable_classifier: bool = False, fixed_scale: bool = False, tasks: tuple = TASKS):
+    """Register a head class under ``name`` with its options dataclass and capabilities:
+
+    - ``input``: the cached input it reads, ``pooled`` or ``tokens``;
+    - ``trains``: trained by gradient descent (else built or fitted in one pass: zeroshot, knn, ncm);
+    - ``adjustable_classifier``: has ``features`` and ``make_classifier``, so two-stage methods apply;
+    - ``fixed_scale``: its classifier is ``s * cos`` with a scale that can be held fixed (LDAM needs it).
+    """
+
+    def decorator(cls):
+        cls.input = input  # a head rebuilt from a checkpoint knows what it reads
+        return HEADS.register(name, options, input=input, trains=trains, tasks=tasks,
+                              adjustable_classifier=adjustable_classifier, fixed_scale=fixed_scale)(cls)
+
+    return decorator
 
 
 @dataclass
@@ -33,37 +49,20 @@ class HeadContext:
     tokens_have_cls: bool = True  # ViT grids start with CLS; ResNet grids do not
 
 
-def build(name: str, section: Optional[Params], ctx: HeadContext) -> torch.nn.Module:
-    """Build head ``name`` from its `heads.<name>` params section."""
-    return HEADS.get(name).from_params(section, ctx)
+def build(name: str, options, ctx: HeadContext) -> torch.nn.Module:
+    """Build head ``name`` with its typed ``options`` (``HEADS.options(name, params)``; ``None``:
+    the defaults)."""
+    entry = HEADS.entry(name)
+    return entry.obj.from_options(entry.options() if options is None else options, ctx)
 
 
 def rebuild(name: str, kwargs: Dict) -> torch.nn.Module:
-    return HEADS.get(name)(**kwargs)
+    """The head ``name`` built from constructor ``kwargs`` (a checkpoint's); an option missing from
+    them takes its default from the head's options dataclass."""
+    entry = HEADS.entry(name)
+    accepted = inspect.signature(entry.obj).parameters
+    filled = {k: v for k, v in defaults(entry.options).items() if k in accepted}
+    return entry.obj(**{**filled, **kwargs})
 
 
-def save_checkpoint(path: Path, head: torch.nn.Module, name: str, run: Dict, **extra) -> None:
-    """Only tensors and plain values, so :func:`load_checkpoint` needs no unpickling of code."""
-    payload = {"head": name, "kwargs": head.kwargs, "run": run,
-               "state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()}, **extra}
-    with atomic_target(path) as partial:
-        torch.save(payload, partial)
-
-
-def load_checkpoint(path: Path) -> Tuple[torch.nn.Module, Dict]:
-    """Rebuild a trained head (``weights_only=True``); return it with its run names."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"trained head {path} not found. Run `dvc repro train`.")
-    checkpoint = load_tensors(path, "a trained head")
-    head = rebuild(checkpoint["head"], checkpoint["kwargs"])
-    if checkpoint.get("stage2", "none") != "none":
-        from ltpipe import stage2  # stage-2 methods wrap heads; imported late to avoid a cycle
-
-        head = stage2.rebuild(checkpoint["stage2"], head)
-    head.load_state_dict(checkpoint["state_dict"])
-    return head.eval(), checkpoint["run"]
-
-
-# Import for registration side effects.
-from ltpipe.heads import cprfl, decoder, linear, neighbors, zeroshot  # noqa: E402,F401
+import_package_modules(__name__, __path__)  # every head module registers itself

@@ -23,7 +23,7 @@ Architecture as the official code (``src/models/TF.py``, ``build_model_TF.py``):
 projection without bias, attention scale ``head_dim^-0.5``, output projection
 ``heads*head_dim -> dim`` then dropout, FFN ``dim -> ffn -> dim`` with GELU and dropout,
 no positional encoding, no dropout on the attention weights. The paper's sizes are the
-preset ``dim 2048, heads 8, head_dim 512, ffn 2048, dropout 0.1`` (see README); the
+preset ``dim 2048, heads 8, head_dim 512, ffn 2048, dropout 0.1`` (see docs/methods.md); the
 defaults are small enough to train in seconds on the embedded default.
 
 Deviations, all deliberate: the text embeddings are CLIP's unit-norm class embeddings
@@ -34,15 +34,16 @@ fine-tuned ResNet-101; with many classes the prompt queries are processed in chu
 """
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
-from ltpipe.heads import HEADS, HeadContext
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.options import option
+from ltpipe.heads import HeadContext, register
 
 
 class PromptVSI(nn.Module):
@@ -93,13 +94,31 @@ class PromptVSI(nn.Module):
         return out[:, visual.shape[1]:]
 
 
-@HEADS.register("cprfl")
-class CPRFLHead(nn.Module):
-    input = "tokens"
+def _below_one(value: float) -> Optional[str]:
+    return None if value < 1 else "must be below 1 (0 turns EMA off; the official code uses 0.998)"
 
-    def __init__(self, token_dim: int, text_dim: int, num_classes: int, dim: int = 128, heads: int = 4,
-                 head_dim: int = 32, ffn: int = 128, dropout: float = 0.1, tau: float = 0.5,
-                 class_chunk: int = 256, ema: float = 0.0):
+
+@dataclass(frozen=True)
+class CPRFLOptions:
+    """Defaults: a small head for the embedded default; the paper's preset: see docs/methods.md."""
+
+    dim: int = option(128, minimum=1, doc="prompt and token width inside the head (paper: 2048)")
+    heads: int = option(4, minimum=1, doc="attention heads (paper: 8)")
+    head_dim: int = option(32, minimum=1, doc="width of each attention head (paper: 512)")
+    ffn: int = option(128, minimum=1, doc="feed-forward width (paper: 2048)")
+    dropout: float = option(0.1, minimum=0, maximum=1)
+    tau: float = option(0.5, above=0, doc="prompt-initialisation hidden size: tau * dim")
+    ema: float = option(0.0, minimum=0, check=_below_one,
+                        doc="EMA of the weights, validated and kept (official code: 0.998); 0: off")
+    class_chunk: int = option(256, minimum=1, doc="prompt queries per attention chunk: bounds memory")
+
+
+@register("cprfl", CPRFLOptions, input="tokens", trains=True)
+class CPRFLHead(nn.Module):
+    """CPRFL: category prompts from the class text embeddings refined by the token grid (VSI)."""
+
+    def __init__(self, token_dim: int, text_dim: int, num_classes: int, dim: int, heads: int,
+                 head_dim: int, ffn: int, dropout: float, tau: float, class_chunk: int, ema: float):
         super().__init__()
         self.kwargs = {"token_dim": token_dim, "text_dim": text_dim, "num_classes": num_classes, "dim": dim,
                        "heads": heads, "head_dim": head_dim, "ffn": ffn, "dropout": dropout, "tau": tau,
@@ -112,7 +131,7 @@ class CPRFLHead(nn.Module):
         self.vsi = PromptVSI(dim, heads, head_dim, ffn, dropout, class_chunk)
 
     @classmethod
-    def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "CPRFLHead":
+    def from_options(cls, options: CPRFLOptions, ctx: HeadContext) -> "CPRFLHead":
         if ctx.token_shape is None:
             raise ConfigError("head `cprfl` reads token grids, but the feature cache has none. "
                               "Set `extract.tokens: true` and re-run `dvc repro`.")
@@ -120,22 +139,7 @@ class CPRFLHead(nn.Module):
         if text is None or text.ndim != 2 or text.shape[0] != ctx.num_classes:
             raise ConfigError("head `cprfl` starts its category prompts from the class text embeddings, but "
                               "text.h5 does not hold one per class. Re-run `dvc repro extract`.")
-        options = {}
-        if section is not None:
-            options = dict(
-                dim=section.int("dim", minimum=1, default=128),
-                heads=section.int("heads", minimum=1, default=4),
-                head_dim=section.int("head_dim", minimum=1, default=32),
-                ffn=section.int("ffn", minimum=1, default=128),
-                dropout=section.float("dropout", minimum=0, maximum=1, default=0.1),
-                tau=section.float("tau", minimum=0, exclusive_minimum=True, default=0.5),
-                class_chunk=section.int("class_chunk", minimum=1, default=256),
-                ema=section.float("ema", minimum=0, default=0.0),
-            )
-            if options["ema"] >= 1:
-                raise ConfigError(f"`heads.cprfl.ema` must be below 1 (0 turns EMA off; the official code "
-                                  f"uses 0.998), got {options['ema']}.")
-        head = cls(ctx.token_shape[-1], text.shape[1], ctx.num_classes, **options)
+        head = cls(ctx.token_shape[-1], text.shape[1], ctx.num_classes, **asdict(options))
         with torch.no_grad():
             head.text.copy_(torch.as_tensor(text, dtype=torch.float32))
         return head

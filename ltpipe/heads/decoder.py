@@ -13,14 +13,14 @@ there the read-out is the mean over tokens (``readout: mean``), chosen
 automatically from the cache.
 """
 
-from typing import Optional
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
-from ltpipe.heads import HEADS, HeadContext
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.options import option
+from ltpipe.heads import HeadContext, register
 
 
 class Block(nn.Module):
@@ -38,12 +38,20 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-@HEADS.register("decoder")
-class DecoderHead(nn.Module):
-    input = "tokens"
+@dataclass(frozen=True)
+class DecoderOptions:
+    depth: int = option(3, minimum=0, doc="transformer blocks (Imbalance-VLM: 3)")
+    heads: int = option(4, minimum=1, doc="attention heads per block; must divide the token width")
+    mlp_ratio: float = option(0.5, above=0, doc="MLP hidden width as a share of the token width")
+    final_norm: bool = option(False, doc="LayerNorm on the read-out token")
 
-    def __init__(self, dim: int, num_classes: int, depth: int = 3, heads: int = 4, mlp_ratio: float = 0.5,
-                 final_norm: bool = False, readout: str = "cls"):
+
+@register("decoder", DecoderOptions, input="tokens", trains=True, adjustable_classifier=True)
+class DecoderHead(nn.Module):
+    """Imbalance-VLM's lightweight transformer decoder on the token grid, then a linear classifier."""
+
+    def __init__(self, dim: int, num_classes: int, depth: int, heads: int, mlp_ratio: float,
+                 final_norm: bool, readout: str = "cls"):
         super().__init__()
         if depth > 0 and dim % heads:
             raise ConfigError(f"`heads.decoder.heads` ({heads}) must divide the token width {dim}.")
@@ -60,18 +68,12 @@ class DecoderHead(nn.Module):
         return nn.Linear(self.kwargs["dim"], self.kwargs["num_classes"])
 
     @classmethod
-    def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "DecoderHead":
+    def from_options(cls, options: DecoderOptions, ctx: HeadContext) -> "DecoderHead":
         if ctx.token_shape is None:
             raise ConfigError("head `decoder` reads token grids, but the feature cache has none. "
                               "Set `extract.tokens: true` and re-run `dvc repro`.")
         readout = "cls" if ctx.tokens_have_cls else "mean"
-        if section is None:
-            return cls(ctx.token_shape[-1], ctx.num_classes, readout=readout)
-        return cls(ctx.token_shape[-1], ctx.num_classes,
-                   depth=section.int("depth", minimum=0, default=3),
-                   heads=section.int("heads", minimum=1, default=4),
-                   mlp_ratio=section.float("mlp_ratio", minimum=0, exclusive_minimum=True, default=0.5),
-                   final_norm=section.bool("final_norm", default=False), readout=readout)
+        return cls(ctx.token_shape[-1], ctx.num_classes, readout=readout, **asdict(options))
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """The representation the classifier reads (what two-stage methods freeze)."""

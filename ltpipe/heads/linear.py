@@ -5,6 +5,7 @@ classifier and linear probes use them (Radford et al. 2021).
 """
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -12,15 +13,26 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
-from ltpipe.heads import HEADS, HeadContext
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.options import option
+from ltpipe.heads import HeadContext, register
 
 INITS = ("random", "text")
+INIT_DOC = "random, or text: start from CLIP's zero-shot classifier"
 
 
-def _text_init(section: Optional[Params], ctx: HeadContext) -> Optional[np.ndarray]:
-    init = section.str("init", choices=INITS, default="random") if section is not None else "random"
+@dataclass(frozen=True)
+class LinearOptions:
+    init: str = option("random", choices=INITS, doc=INIT_DOC)
+
+
+@dataclass(frozen=True)
+class CosineOptions:
+    init: str = option("random", choices=INITS, doc=INIT_DOC)
+    scale: float = option(16.0, above=0, doc="initial scale s of s * cos (learned; LDAM fixes it at its s)")
+
+
+def _text_init(init: str, ctx: HeadContext) -> Optional[np.ndarray]:
     if init == "random":
         return None
     if ctx.text_embeddings is None or ctx.text_embeddings.shape != (ctx.num_classes, ctx.pooled_dim):
@@ -33,7 +45,7 @@ class CosineClassifier(nn.Module):
     """``z = s * cos(h, w_c)`` with a learnable scale ``s`` (the normalised classifier of
     LDAM, Cao et al. 2019, and LIFT)."""
 
-    def __init__(self, in_dim: int, num_classes: int, scale: float = 16.0):
+    def __init__(self, in_dim: int, num_classes: int, scale: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_classes, in_dim))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -55,9 +67,7 @@ class CosineClassifier(nn.Module):
 
 class _PooledHead(nn.Module):
     """A classifier on L2-normalised pooled features. ``features`` and ``classifier`` are
-    what two-stage methods (``ltpipe.stage2``) freeze, re-initialise or adjust."""
-
-    input = "pooled"
+    what two-stage methods (``ltpipe.training.stage2``) freeze, re-initialise or adjust."""
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1)
@@ -66,7 +76,7 @@ class _PooledHead(nn.Module):
         return self.classifier(self.features(x))
 
 
-@HEADS.register("linear")
+@register("linear", LinearOptions, input="pooled", trains=True, adjustable_classifier=True)
 class LinearHead(_PooledHead):
     """``z = W x + b`` on normalised pooled features. ``init: text`` starts from CLIP's
     zero-shot classifier (W = logit_scale * text embeddings, b = 0)."""
@@ -80,9 +90,9 @@ class LinearHead(_PooledHead):
         return nn.Linear(self.kwargs["in_dim"], self.kwargs["num_classes"])
 
     @classmethod
-    def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "LinearHead":
+    def from_options(cls, options: LinearOptions, ctx: HeadContext) -> "LinearHead":
         head = cls(ctx.pooled_dim, ctx.num_classes)
-        text = _text_init(section, ctx)
+        text = _text_init(options.init, ctx)
         if text is not None:
             with torch.no_grad():
                 head.classifier.weight.copy_(torch.as_tensor(text) * ctx.logit_scale)
@@ -90,11 +100,11 @@ class LinearHead(_PooledHead):
         return head
 
 
-@HEADS.register("cosine")
+@register("cosine", CosineOptions, input="pooled", trains=True, adjustable_classifier=True, fixed_scale=True)
 class CosineHead(_PooledHead):
     """A :class:`CosineClassifier` on normalised pooled features."""
 
-    def __init__(self, in_dim: int, num_classes: int, scale: float = 16.0):
+    def __init__(self, in_dim: int, num_classes: int, scale: float):
         super().__init__()
         self.kwargs = {"in_dim": in_dim, "num_classes": num_classes, "scale": scale}
         self.classifier = self.make_classifier()
@@ -103,10 +113,9 @@ class CosineHead(_PooledHead):
         return CosineClassifier(self.kwargs["in_dim"], self.kwargs["num_classes"], self.kwargs["scale"])
 
     @classmethod
-    def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "CosineHead":
-        scale = section.float("scale", minimum=0, exclusive_minimum=True, default=16.0) if section else 16.0
-        head = cls(ctx.pooled_dim, ctx.num_classes, scale)
-        text = _text_init(section, ctx)
+    def from_options(cls, options: CosineOptions, ctx: HeadContext) -> "CosineHead":
+        head = cls(ctx.pooled_dim, ctx.num_classes, options.scale)
+        text = _text_init(options.init, ctx)
         if text is not None:
             with torch.no_grad():
                 head.classifier.weight.copy_(torch.as_tensor(text))

@@ -4,7 +4,7 @@ Neither head has trainable parameters. The training stage calls ``head.fit(poole
 once with the training features instead of running gradient descent. Everything a fitted
 head needs at prediction time lives in registered buffers, and ``fit`` records the buffer
 shapes in ``self.kwargs``, so a checkpoint round-trips through
-:func:`ltpipe.heads.save_checkpoint` / :func:`ltpipe.heads.load_checkpoint`
+:func:`ltpipe.training.checkpoint.save_checkpoint` / :func:`~ltpipe.training.checkpoint.load_checkpoint`
 (``weights_only=True``).
 
 Similarities are cosines of L2-normalised features, searched exactly with faiss
@@ -12,6 +12,7 @@ Similarities are cosines of L2-normalised features, searched exactly with faiss
 first ``forward`` after a ``fit`` or a ``load_state_dict`` and then reused.
 """
 
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import faiss
@@ -20,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ltpipe.config import Params
-from ltpipe.errors import DataError
-from ltpipe.heads import HEADS, HeadContext
+from ltpipe.core.errors import DataError
+from ltpipe.core.options import option
+from ltpipe.heads import HeadContext, register
 
 EPS = 1e-8  # added to probabilities before the log, so an absent class gets log(1e-8), not -inf
 
@@ -75,8 +76,6 @@ class _IndexedHead(nn.Module):
     it is rebuilt on first use, and it is never pickled or deep-copied.
     """
 
-    input = "pooled"
-
     def __init__(self):
         super().__init__()
         self._index: Optional[faiss.Index] = None
@@ -106,7 +105,18 @@ class _IndexedHead(nn.Module):
         return state
 
 
-@HEADS.register("knn")
+@dataclass(frozen=True)
+class KNNOptions:
+    k: int = option(10, minimum=1, doc="neighbours (clamped to the training features)")
+    temperature: float = option(0.07, above=0, doc="T of the exp(similarity / T) vote weights")
+
+
+@dataclass(frozen=True)
+class NCMOptions:
+    scale: float = option(16.0, above=0, doc="s of the logits s * cos(x, class mean)")
+
+
+@register("knn", KNNOptions, input="pooled", trains=False)
 class KNNHead(_IndexedHead):
     """Weighted k-nearest-neighbour classifier (Wu et al., CVPR 2018, "Unsupervised Feature
     Learning via Non-Parametric Instance Discrimination"; the weighted kNN evaluation of
@@ -120,7 +130,7 @@ class KNNHead(_IndexedHead):
     ``k`` is clamped to the number of training features.
     """
 
-    def __init__(self, in_dim: int, num_classes: int, k: int = 10, temperature: float = 0.07,
+    def __init__(self, in_dim: int, num_classes: int, k: int, temperature: float,
                  bank_size: int = 0, multilabel: bool = False):
         super().__init__()
         self.kwargs = {"in_dim": in_dim, "num_classes": num_classes, "k": k, "temperature": temperature,
@@ -134,11 +144,8 @@ class KNNHead(_IndexedHead):
         self.register_buffer("bank_labels", torch.zeros(label_shape, dtype=torch.uint8 if multilabel else torch.int64))
 
     @classmethod
-    def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "KNNHead":
-        k = section.int("k", minimum=1, default=10) if section is not None else 10
-        temperature = (section.float("temperature", minimum=0, exclusive_minimum=True, default=0.07)
-                       if section is not None else 0.07)
-        return cls(ctx.pooled_dim, ctx.num_classes, k=k, temperature=temperature)
+    def from_options(cls, options: KNNOptions, ctx: HeadContext) -> "KNNHead":
+        return cls(ctx.pooled_dim, ctx.num_classes, k=options.k, temperature=options.temperature)
 
     def _bank(self) -> torch.Tensor:
         return self.bank
@@ -182,14 +189,14 @@ class KNNHead(_IndexedHead):
         return logits.to(device=x.device, dtype=torch.float32)
 
 
-@HEADS.register("ncm")
+@register("ncm", NCMOptions, input="pooled", trains=False)
 class NCMHead(_IndexedHead):
     """Nearest class mean: ``z_c = scale * cos(x, m_c)``, where ``m_c`` is the re-normalised mean
     of the normalised training features of class ``c`` (multi-label: of the images that have
     class ``c``). Cosine classifiers on class means as in Mensink et al. (TPAMI 2013) and
     the NCM baselines of long-tailed recognition (Kang et al., ICLR 2020)."""
 
-    def __init__(self, in_dim: int, num_classes: int, scale: float = 16.0):
+    def __init__(self, in_dim: int, num_classes: int, scale: float):
         super().__init__()
         self.kwargs = {"in_dim": in_dim, "num_classes": num_classes, "scale": scale}
         self.scale = scale
@@ -197,10 +204,8 @@ class NCMHead(_IndexedHead):
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     @classmethod
-    def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "NCMHead":
-        scale = section.float("scale", minimum=0, exclusive_minimum=True, default=16.0) if section is not None \
-            else 16.0
-        return cls(ctx.pooled_dim, ctx.num_classes, scale=scale)
+    def from_options(cls, options: NCMOptions, ctx: HeadContext) -> "NCMHead":
+        return cls(ctx.pooled_dim, ctx.num_classes, scale=options.scale)
 
     def _bank(self) -> torch.Tensor:
         return self.means

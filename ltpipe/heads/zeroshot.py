@@ -6,20 +6,18 @@ it as it is, and evaluating it gives the `zeroshot` stage's numbers through the
 `train`/`evaluate` path.
 """
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
-from ltpipe.heads import HEADS, HeadContext
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.options import NoOptions
+from ltpipe.heads import HeadContext, register
 
 
-@HEADS.register("zeroshot")
+@register("zeroshot", input="pooled", trains=False)
 class ZeroShotHead(nn.Module):
-    input = "pooled"
+    """CLIP's zero-shot classifier: ``logit_scale * cos(image, class text embedding)``; nothing trained."""
 
     def __init__(self, in_dim: int, num_classes: int):
         super().__init__()
@@ -28,7 +26,7 @@ class ZeroShotHead(nn.Module):
         self.register_buffer("logit_scale", torch.tensor(100.0))
 
     @classmethod
-    def from_params(cls, section: Optional[Params], ctx: HeadContext) -> "ZeroShotHead":
+    def from_options(cls, options: NoOptions, ctx: HeadContext) -> "ZeroShotHead":
         text = ctx.text_embeddings
         if text is None:
             raise ConfigError("head `zeroshot` needs the class text embeddings (text.h5), but none were loaded. "

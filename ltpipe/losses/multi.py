@@ -17,6 +17,7 @@ negatives are still trained; the class-frequency formulas below divide by ``n_c`
 """
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -24,10 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
+from ltpipe.core.options import NoOptions, option
 from ltpipe.losses import register
-from ltpipe.losses.single import _bool, _buffer, _counts, _float, _key
+from ltpipe.losses.single import FocalOptions, _buffer, _counts
 
 # --------------------------------------------------------------------------- helpers
 
@@ -37,21 +37,6 @@ def _targets(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"multi-label targets must have the logits' shape {tuple(logits.shape)}, "
                          f"got {tuple(target.shape)}")
     return target.to(logits.dtype)
-
-
-def _optional_float(section: Optional[Params], name: str, **limits) -> Optional[float]:
-    """A number or null (the default)."""
-    if section is None or section.raw(name, None) is None:
-        return None
-    return section.float(name, **limits)
-
-
-def _below_one(section: Optional[Params], name: str, default: float, why: str, positive: bool = False) -> float:
-    """A number in [0, 1), or in (0, 1) if ``positive``."""
-    value = _float(section, name, default, minimum=0.0, exclusive_minimum=positive)
-    if value >= 1.0:
-        raise ConfigError(f"`{_key(section, name)}` must be less than 1 ({why}), got {value}.")
-    return value
 
 
 def _one_minus_pt(bce: torch.Tensor) -> torch.Tensor:
@@ -329,55 +314,80 @@ class DistributionBalancedLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------- registry
-# Multi-label factories: factory(section, class_counts, num_images).
+# Multi-label factories: factory(options, class_counts, num_images).
+
+
+def _below_one(why: str):
+    def check(value: float) -> Optional[str]:
+        return None if value < 1.0 else f"must be less than 1 ({why})"
+
+    return check
+
+
+@dataclass(frozen=True)
+class ASLOptions:
+    gamma_pos: float = option(0.0, minimum=0.0, doc="focusing exponent of the positives")
+    gamma_neg: float = option(4.0, minimum=0.0, doc="focusing exponent of the negatives")
+    clip: float = option(0.05, minimum=0.0, check=_below_one("it is the probability margin of the negatives; "
+                                                                 "0 disables it"),
+                         doc="probability shifting of the negatives, in [0, 1); 0: off")
+    eps: float = option(1e-8, above=0.0, check=_below_one("it is the floor of the probabilities inside the logs"),
+                        doc="floor of the probabilities inside the logs")
+    reduction: str = option("mean", choices=("mean", "sum"), doc="mean over B x C (CPRFL) or sum (original ASL)")
+
+
+@dataclass(frozen=True)
+class ClassBalancedFocalOptions:
+    beta: float = option(0.9, minimum=0.0, check=_below_one("beta = 1 divides by 1 - 1^n = 0; DBL uses 0.9"),
+                         doc="effective-number beta, in [0, 1)")
+    gamma: float = option(2.0, minimum=0.0, doc="focusing exponent")
+    balance: float = option(2.0, above=0.0, doc="DBL's balance_param")
+    loss_weight: float = option(10.0, above=0.0, doc="DBL's loss_weight for the CB baseline")
+
+
+@dataclass(frozen=True)
+class DistributionBalancedOptions:
+    preset: str = option("coco", choices=tuple(DB_PRESETS),
+                         doc="DBL's published neg_scale / init_bias / map_* for COCO-LT or VOC-LT")
+    focal: bool = option(True, doc="the focal variant")
+    gamma: float = option(2.0, minimum=0.0, doc="focusing exponent")
+    balance: float = option(2.0, above=0.0, doc="DBL's balance_param")
+    loss_weight: float = option(1.0, above=0.0, doc="DBL's loss_weight (its no-focal variant used 0.5)")
 
 
 @register("bce", "multi")
-def _bce(section, class_counts, num_images):
+def _bce(options: NoOptions, class_counts, num_images):
+    """Binary cross-entropy per class."""
     return BinaryCrossEntropy()
 
 
 @register("mls", "multi")
-def _mls(section, class_counts, num_images):
+def _mls(options: NoOptions, class_counts, num_images):
+    """nn.MultiLabelSoftMarginLoss, numerically equal to bce (CPRFL lists it)."""
     return MultiLabelSoftMargin()
 
 
-@register("focal", "multi")
-def _focal(section, class_counts, num_images):
-    # Shares `losses.focal` with the single-label focal loss, which reads `gamma` only.
-    return SigmoidFocalLoss(_float(section, "gamma", 2.0, minimum=0.0),
-                            _optional_float(section, "alpha", minimum=0.0, maximum=1.0))
+@register("focal", "multi", FocalOptions)
+def _focal(options: FocalOptions, class_counts, num_images):
+    return SigmoidFocalLoss(options.gamma, options.alpha)
 
 
-@register("asl", "multi")
-def _asl(section, class_counts, num_images):
-    return AsymmetricLoss(
-        gamma_pos=_float(section, "gamma_pos", 0.0, minimum=0.0),
-        gamma_neg=_float(section, "gamma_neg", 4.0, minimum=0.0),
-        clip=_below_one(section, "clip", 0.05, "it is the probability margin of the negatives; 0 disables it"),
-        eps=_below_one(section, "eps", 1e-8, "it is the floor of the probabilities inside the logs", positive=True),
-        reduction="mean" if section is None else section.str("reduction", choices=("mean", "sum"), default="mean"),
-    )
+@register("asl", "multi", ASLOptions)
+def _asl(options: ASLOptions, class_counts, num_images):
+    """Asymmetric Loss (Ridnik et al., ICCV 2021), CPRFL's loss."""
+    return AsymmetricLoss(gamma_pos=options.gamma_pos, gamma_neg=options.gamma_neg, clip=options.clip,
+                          eps=options.eps, reduction=options.reduction)
 
 
-@register("cb_focal", "multi")
-def _cb_focal(section, class_counts, num_images):
-    return ClassBalancedFocal(
-        class_counts,
-        beta=_below_one(section, "beta", 0.9, "beta = 1 divides by 1 - 1^n = 0; DBL uses 0.9"),
-        gamma=_float(section, "gamma", 2.0, minimum=0.0),
-        balance=_float(section, "balance", 2.0, minimum=0.0, exclusive_minimum=True),
-        loss_weight=_float(section, "loss_weight", 10.0, minimum=0.0, exclusive_minimum=True),
-    )
+@register("cb_focal", "multi", ClassBalancedFocalOptions)
+def _cb_focal(options: ClassBalancedFocalOptions, class_counts, num_images):
+    """Class-balanced focal loss, DBL's CB baseline (Wu et al., ECCV 2020)."""
+    return ClassBalancedFocal(class_counts, beta=options.beta, gamma=options.gamma, balance=options.balance,
+                              loss_weight=options.loss_weight)
 
 
-@register("dbl", "multi")
-def _dbl(section, class_counts, num_images):
-    preset = "coco" if section is None else section.str("preset", choices=tuple(DB_PRESETS), default="coco")
-    return DistributionBalancedLoss(
-        class_counts, num_images, **DB_PRESETS[preset],
-        focal=_bool(section, "focal", True),
-        gamma=_float(section, "gamma", 2.0, minimum=0.0),
-        balance=_float(section, "balance", 2.0, minimum=0.0, exclusive_minimum=True),
-        loss_weight=_float(section, "loss_weight", 1.0, minimum=0.0, exclusive_minimum=True),
-    )
+@register("dbl", "multi", DistributionBalancedOptions)
+def _dbl(options: DistributionBalancedOptions, class_counts, num_images):
+    """Distribution-Balanced loss (Wu et al., ECCV 2020)."""
+    return DistributionBalancedLoss(class_counts, num_images, **DB_PRESETS[options.preset], focal=options.focal,
+                                    gamma=options.gamma, balance=options.balance, loss_weight=options.loss_weight)

@@ -37,8 +37,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ltpipe.data.manifest import DatasetSource, PrepareOptions, build, save
-from ltpipe.errors import DataError, user_message
+from ltpipe.core.errors import DataError, user_message
+from ltpipe.data.manifest import build, save
+from ltpipe.data.source import DatasetSource, PrepareOptions
 from ltpipe.features import extract, models
 from ltpipe.features.store import SplitFeatures
 

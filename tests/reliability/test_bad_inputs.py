@@ -2,7 +2,7 @@
 
 Each bad input goes through the stage entry the user hits (the `run_stage` functions
 the DVC stages call, in a scratch directory with its own params.yaml). It must fail
-with an :class:`~ltpipe.errors.LtpipeError` whose message names the problem (the
+with an :class:`~ltpipe.core.errors.LtpipeError` whose message names the problem (the
 offending value, key, path or line) and the fix, before any expensive work: the
 expensive step is patched to raise, and no output of the stage may be written.
 
@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ltpipe import data as prepare_stage
-from ltpipe import evaluation, training
-from ltpipe.config import Params
-from ltpipe.data import manifest, registry
-from ltpipe.errors import LtpipeError, user_message
+from ltpipe.core.config import Params
+from ltpipe.core.errors import LtpipeError, user_message
+from ltpipe.data import manifest
+from ltpipe.datasets import prepare as prepare_stage
+from ltpipe.datasets import registry
+from ltpipe.evaluation import evaluate as evaluation
 from ltpipe.features import extract, models, store
+from ltpipe.training import loop as training
 from tests.conftest import make_source
 from tests.dvc_repo import small_params
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 import yaml
 
-from ltpipe import training
-from ltpipe.config import Params
+from ltpipe.core.config import Params
+from ltpipe.core.errors import DataError
 from ltpipe.data.manifest import build, save
-from ltpipe.errors import DataError
+from ltpipe.evaluation.inference import FeatureInput, ViewInput
 from ltpipe.features import extract, store, verify
-from ltpipe.inference import FeatureInput, ViewInput
+from ltpipe.training import loop as training
 from tests.conftest import make_source
 from tests.dvc_repo import small_params
 

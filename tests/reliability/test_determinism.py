@@ -13,9 +13,11 @@ import shutil
 import pytest
 import yaml
 
-from ltpipe import evaluation, heads, training
-from ltpipe.config import Params
+from ltpipe import heads
+from ltpipe.core.config import Params
 from ltpipe.data import manifest
+from ltpipe.evaluation import evaluate as evaluation
+from ltpipe.training import loop as training
 from tests.dvc_repo import small_params
 
 SEED_FREE = {"zeroshot", "knn", "ncm"}

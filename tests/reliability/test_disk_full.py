@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ltpipe.core.errors import DiskFullError, LtpipeError
 from ltpipe.data.manifest import build
-from ltpipe.errors import DiskFullError, LtpipeError
 from ltpipe.features import extract
 from tests.conftest import REPO, make_source
 
@@ -158,7 +158,7 @@ def test_disk_full_names_the_file_keeps_shards_and_resumes(case, reference, tiny
 WRITE_TEXT = """
 import sys
 import numpy as np
-from ltpipe.errors import main_guard
+from ltpipe.core.errors import main_guard
 from ltpipe.features import store
 
 @main_guard

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ltpipe.core.errors import DataError, user_message
 from ltpipe.data import images
 from ltpipe.data.scan import check_image
-from ltpipe.errors import DataError, user_message
-from ltpipe.features.extract import ImageFiles
+from ltpipe.features.image_files import ImageFiles
 
 H, W = 5, 6
 RNG = np.random.default_rng(15)

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ltpipe import data as prepare_stage
-from ltpipe.config import Params
+from ltpipe.core.config import Params
+from ltpipe.core.errors import LtpipeError, user_message
 from ltpipe.data import formats, manifest
-from ltpipe.errors import LtpipeError, user_message
+from ltpipe.datasets import prepare as prepare_stage
 from tests.dvc_repo import small_params
 
 # Three classes, each with its own folder of placeholder files (prepare checks existence; only

@@ -23,7 +23,7 @@ import psutil  # a dependency of dvc
 import pytest
 import yaml
 
-from ltpipe.errors import DVC_WATCH_INTERVAL_S, STOP_GRACE_S
+from ltpipe.core.errors import DVC_WATCH_INTERVAL_S, STOP_GRACE_S
 from tests import dvc_repo
 from tests.conftest import REPO
 from tests.reliability.conftest import EPOCHS, epochs_logged, outcome
@@ -33,7 +33,7 @@ MESSAGE = "ltpipe error: the dvc process that started this stage{} exited; stopp
 STAGE = textwrap.dedent("""
     import sys, threading, time
     from pathlib import Path
-    from ltpipe.errors import main_guard
+    from ltpipe.core.errors import main_guard
 
     @main_guard
     def main():

@@ -23,11 +23,11 @@ import torch
 import yaml
 from PIL import Image
 
-from ltpipe.config import _NoAnchorLoader
-from ltpipe.data import cifar, pickles
-from ltpipe.errors import DataError, WeightsError
+from ltpipe.core.config import _NoAnchorLoader
+from ltpipe.core.errors import DataError, WeightsError
+from ltpipe.datasets import cifar, pickles
 from ltpipe.features import models
-from ltpipe.heads import load_checkpoint
+from ltpipe.training.checkpoint import load_checkpoint
 from tests.conftest import REPO
 
 SOURCES = sorted(p for d in ("ltpipe", "stages") for p in (REPO / d).rglob("*.py"))
@@ -107,8 +107,8 @@ def test_safe_loading(kind, tmp_path):
         assert not unsafe_torch, unsafe_torch
         assert not _lines(r"\bpickle\.(load|loads)\("), "pickle must not read data unrestricted"
         unpicklers = _lines(r"\bpickle\._?Unpickler\b")
-        assert unpicklers and all(line.startswith("ltpipe/data/pickles.py") for line in unpicklers), unpicklers
-        assert "def find_class" in (REPO / "ltpipe/data/pickles.py").read_text()  # the allow-list
+        assert unpicklers and all(line.startswith("ltpipe/datasets/pickles.py") for line in unpicklers), unpicklers
+        assert "def find_class" in (REPO / "ltpipe/datasets/pickles.py").read_text()  # the allow-list
         assert not _lines(r"allow_pickle\s*=\s*True")
         assert not _lines(r"(?<![\w.])(eval|exec)\("), "nothing evaluates what it reads"
         yaml_loads = _lines(r"yaml\.(load|unsafe_load|full_load)\(")

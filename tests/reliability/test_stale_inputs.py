@@ -26,9 +26,10 @@ import torch
 import yaml
 from PIL import Image
 
+from ltpipe.core.errors import DataError, user_message
 from ltpipe.data import fingerprint
-from ltpipe.data.manifest import DatasetSource, build
-from ltpipe.errors import DataError, user_message
+from ltpipe.data.manifest import build
+from ltpipe.data.source import DatasetSource
 from ltpipe.features import extract
 from ltpipe.features.store import SplitFeatures
 

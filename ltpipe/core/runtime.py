@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from ltpipe.errors import ConfigError, DataError
+from ltpipe.core.errors import ConfigError, DataError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

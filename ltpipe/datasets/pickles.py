@@ -1,7 +1,7 @@
 """Pickled files we did not write: read them with an allow-list, convert them to JSON once.
 
 Two kinds of published data come as Python pickles: CIFAR's python archives (read in
-place by :mod:`ltpipe.data.cifar`) and the label files of the COCO-LT / VOC-LT release
+place by :mod:`ltpipe.datasets.cifar`) and the label files of the COCO-LT / VOC-LT release
 of Distribution-Balanced Loss (Wu et al., ECCV 2020), also shipped by CPRFL:
 
 * ``class_freq.pkl``: ``gt_labels`` (N, C), ``class_freq`` (C,), ``neg_class_freq`` (C,),
@@ -21,7 +21,7 @@ made to allocate gigabytes by a damaged stream; a fuzz test keeps it so).
 The converter turns such a file into JSON (arrays become nested lists, sets sorted
 lists, bytes text) so the pipeline and the user never need the pickle again:
 
-    python -m ltpipe.data.pickles appendix/coco/longtail2017/class_freq.pkl class_split.pkl
+    python -m ltpipe.datasets.pickles appendix/coco/longtail2017/class_freq.pkl class_split.pkl
 
 writes ``class_freq.json`` and ``class_split.json`` beside them (``--out-dir`` elsewhere).
 
@@ -43,8 +43,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from ltpipe.errors import DataError
-from ltpipe.paths import atomic_target
+from ltpipe.core.errors import DataError
+from ltpipe.core.paths import atomic_target
 
 
 class RefusedGlobal(pickle.UnpicklingError):
@@ -373,7 +373,7 @@ def output_path(path: Path, out_dir: Optional[Path]) -> Path:
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ltpipe.data.pickles",
+        prog="python -m ltpipe.datasets.pickles",
         description="Convert published .pkl label files (class_freq.pkl, class_split.pkl, terse_gt_*.pkl) to JSON "
                     "without running code from them.")
     parser.add_argument("files", nargs="+", type=Path, help=".pkl files to convert")

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ltpipe.errors import ConfigError
+from ltpipe.core.errors import ConfigError
 from ltpipe.features.store import SplitFeatures
 
 

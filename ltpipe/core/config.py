@@ -11,7 +11,7 @@ from typing import Any, Iterable, Optional, Union
 
 import yaml
 
-from ltpipe.errors import ConfigError
+from ltpipe.core.errors import ConfigError
 
 _MISSING = object()
 

@@ -14,20 +14,23 @@ loading); tau-normalisation, absent there, is added with tau chosen on validatio
 """
 
 import copy
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass, make_dataclass
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ltpipe import losses, metrics
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError
-from ltpipe.inference import FeatureInput, predict
-from ltpipe.registry import Registry
-from ltpipe.samplers import SAMPLERS
+from ltpipe import losses
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.options import option
+from ltpipe.core.registry import Registry
+from ltpipe.evaluation import metrics
+from ltpipe.evaluation.inference import FeatureInput, predict
+from ltpipe.heads import HEADS
+from ltpipe.training.samplers import SAMPLERS
 
 
 class TwoStageHead(nn.Module):
@@ -147,65 +150,64 @@ class MARC(nn.Module):
         return self.a * head.classifier(h) + self.b * self.weight_norm
 
 
-@dataclass(frozen=True)
-class Method:
-    build: Callable[[nn.Module], nn.Module]
-    loss: str  # defaults, overridable in `stage2_methods.<name>`
-    sampler: str
-    trains: bool = True
-    # A positive rescaling (plus a constant) of each class's logit: it cannot reorder the images
-    # within a class, so per-class AP, hence mAP, the multi-label validation score, cannot change.
-    per_class_monotone: bool = False
+def _trained_options(loss: str, sampler: str) -> type:
+    """The options of a method that trains: its loss and sampler (the optimiser and schedule are `train`'s)."""
+    return make_dataclass("Stage2Options", [
+        ("loss", str, option(loss, doc="loss of the stage-2 training (a loss name)")),
+        ("sampler", str, option(sampler, doc="sampler of the stage-2 training (a sampler name)"))], frozen=True)
 
 
-STAGE2: Registry[Method] = Registry("stage-2 method", "stage2")
-STAGE2.register("crt")(Method(CRT, "ce", "class_balanced"))
-STAGE2.register("lws")(Method(LWS, "ce", "class_balanced", per_class_monotone=True))
-STAGE2.register("tau_norm")(Method(TauNorm, "ce", "instance", trains=False, per_class_monotone=True))
-STAGE2.register("disalign")(Method(DisAlign, "grw", "instance"))
-STAGE2.register("marc")(Method(MARC, "grw", "instance", per_class_monotone=True))
+STAGE2: Registry = Registry("stage-2 method", "stage2", section="stage2_methods")
+# per_class_monotone: a positive rescaling (plus a constant) of each class's logit: it cannot reorder the
+# images within a class, so per-class AP, hence mAP, the multi-label validation score, cannot change.
+STAGE2.register("crt", _trained_options("ce", "class_balanced"), trains=True, per_class_monotone=False)(CRT)
+STAGE2.register("lws", _trained_options("ce", "class_balanced"), trains=True, per_class_monotone=True)(LWS)
+STAGE2.register("tau_norm", trains=False, per_class_monotone=True)(TauNorm)
+STAGE2.register("disalign", _trained_options("grw", "instance"), trains=True, per_class_monotone=False)(DisAlign)
+STAGE2.register("marc", _trained_options("grw", "instance"), trains=True, per_class_monotone=True)(MARC)
 NAMES = ("none",) + tuple(STAGE2.names())
 # A stage-2 loss named for single-label data and its one obvious multi-label counterpart
 # (softmax cross-entropy -> per-class sigmoid cross-entropy). Re-weighting losses (grw) have none.
 MULTI_LABEL_COUNTERPART = {"ce": "bce"}
 
 
-def check_head(name: str, head: nn.Module) -> None:
-    if not (hasattr(head, "features") and hasattr(head, "make_classifier")):
-        raise ConfigError(f"`stage2: {name}` adjusts a trained classifier; head {type(head).__name__} has none. "
-                          "Use head linear, cosine or decoder, or `stage2: none`.")
+def check_head(name: str, head_name: str) -> None:
+    if not HEADS.capability(head_name, "adjustable_classifier"):
+        raise ConfigError(f"`stage2: {name}` adjusts a trained classifier; head {head_name} has none. "
+                          f"Use head {' or '.join(HEADS.names(adjustable_classifier=True))}, or `stage2: none`.")
 
 
 def rebuild(name: str, head: nn.Module) -> TwoStageHead:
     """An untrained two-stage model of the right shapes, for loading a checkpoint into."""
-    return TwoStageHead(head, STAGE2.get(name).build(head))
+    return TwoStageHead(head, STAGE2.get(name)(head))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stage2Choice:
     name: str
     loss: Optional[str]  # None for methods that train nothing (tau_norm)
     sampler: Optional[str]
+    loss_options: Any = None  # the typed options of `losses.<loss>`
 
     @classmethod
     def from_params(cls, params: Params, task: str) -> Optional["Stage2Choice"]:
-        """`stage2` and its `stage2_methods.<name>` loss and sampler, validated against ``task``
-        (read by the train stage before stage 1 trains, so a refusal costs no training)."""
+        """`stage2` and its `stage2_methods.<name>` loss and sampler (with the loss's options),
+        validated against ``task`` (read by the train stage before stage 1 trains, so a refusal
+        costs no training)."""
         name = params.str("stage2", choices=NAMES)
         if name == "none":
             return None
-        method = STAGE2.get(name)
-        section = params.optional_sub(f"stage2_methods.{name}")
-        if task == "multi" and not method.trains:
+        options = STAGE2.options(name, params)
+        if task == "multi" and not STAGE2.capability(name, "trains"):
             raise ConfigError(f"`stage2: {name}` cannot change a multi-label model's mAP: it rescales each class's "
                               "logits, which leaves the order of the images within a class, hence every class's "
-                              "average precision, as it was; tau would always be 0. Use `stage2: crt` or "
-                              "`disalign`, or `stage2: none`.")
-        if not method.trains:
+                              "average precision, as it was; tau would always be 0. Use `stage2: "
+                              f"{'` or `'.join(STAGE2.names(trains=True, per_class_monotone=False))}`, or "
+                              "`stage2: none`.")
+        if not STAGE2.capability(name, "trains"):
             return cls(name, None, None)
         key = f"stage2_methods.{name}"
-        loss = section.str("loss", default=method.loss) if section else method.loss
-        sampler = section.str("sampler", default=method.sampler) if section else method.sampler
+        loss, sampler = options.loss, options.sampler
         valid = losses.names_for(task)
         if task == "multi" and loss not in valid and MULTI_LABEL_COUNTERPART.get(loss) in valid:
             print(f"stage 2 {name}: `{key}.loss` {loss!r} is single-label; this multi-label task uses its "
@@ -214,12 +216,16 @@ class Stage2Choice:
         if loss not in valid:
             raise ConfigError(f"`{key}.loss` is {loss!r}; for this {task}-label task use one of: {', '.join(valid)} "
                               f"(e.g. `-S {key}.loss={valid[0]}`).")
+        if losses.LOSSES.capability(loss, "needs_fixed_scale"):
+            raise ConfigError(f"`{key}.loss` is {loss!r}, which needs its own normalised classifier; stage 2 "
+                              f"adjusts the stage-1 one. Use one of: "
+                              f"{', '.join(losses.names_for(task, needs_fixed_scale=False))}.")
         if sampler not in SAMPLERS:
             raise ConfigError(f"`{key}.sampler` is {sampler!r}; valid: {', '.join(SAMPLERS.names())}.")
-        if task == "multi" and method.per_class_monotone:
+        if task == "multi" and STAGE2.capability(name, "per_class_monotone"):
             print(f"WARNING: `stage2: {name}` rescales each class's logits: on this multi-label task it cannot "
                   "change mAP (the order of the images within a class stays), only the thresholded CF1/OF1.")
-        return cls(name, loss, sampler)
+        return cls(name, loss, sampler, losses.LOSSES.options(loss, params))
 
 
 class MemoryFeatures:

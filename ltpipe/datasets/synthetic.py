@@ -12,6 +12,7 @@ drawn from the same long-tailed distribution, so label frequencies are long-tail
 and labels co-occur, as in COCO-LT.
 """
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ltpipe.errors import ConfigError
+from ltpipe.core.config import Params
+from ltpipe.core.options import option, parse
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLORS = {
@@ -40,27 +42,21 @@ _CLASS_ORDER_SEED = 20230401
 
 @dataclass(frozen=True)
 class SyntheticSpec:
-    classes: int = 24
-    imbalance: float = 100.0
-    max_per_class: int = 300
-    val_per_class: int = 10
-    test_per_class: int = 30
-    image_size: int = 64
-    seed: int = 0
-    multilabel: bool = False
-    max_objects: int = 3
+    """What :func:`generate` draws; the defaults are dataset `synthetic`'s (`synthetic_ml` changes some)."""
+
+    classes: int = option(24, minimum=2, maximum=MAX_CLASSES, doc="shape x colour x pattern combinations")
+    imbalance: float = option(100.0, minimum=1, doc="n_max / n_min of the training split")
+    max_per_class: int = option(300, minimum=1, doc="training images of the most frequent class")
+    val_per_class: int = option(10, minimum=1)
+    test_per_class: int = option(30, minimum=1)
+    image_size: int = option(64, minimum=16, doc="pixels")
+    seed: int = option(0, minimum=0)
+    multilabel: bool = option(False, doc="several objects per image")
+    max_objects: int = option(3, minimum=1, doc="multi-label: objects per image at most")
 
     def validate(self) -> None:
-        if not 2 <= self.classes <= MAX_CLASSES:
-            raise ConfigError(f"synthetic `classes` must be between 2 and {MAX_CLASSES}, got {self.classes}.")
-        if self.imbalance < 1:
-            raise ConfigError(f"synthetic `imbalance` must be at least 1, got {self.imbalance}.")
-        if self.max_per_class < 1 or self.val_per_class < 1 or self.test_per_class < 1:
-            raise ConfigError("synthetic `max_per_class`, `val_per_class` and `test_per_class` must be at least 1.")
-        if self.image_size < 16:
-            raise ConfigError(f"synthetic `image_size` must be at least 16 pixels, got {self.image_size}.")
-        if self.max_objects < 1:
-            raise ConfigError(f"synthetic `max_objects` must be at least 1, got {self.max_objects}.")
+        """Refuse values outside the bounds declared above (a spec built in code, not read from params.yaml)."""
+        parse(type(self), Params(dataclasses.asdict(self), prefix="synthetic"))
 
 
 def class_names(num_classes: int) -> List[str]:

@@ -7,7 +7,7 @@ its indices and keeping the first ``n_c``. We use a ``RandomState(seed)`` consum
 in the same order, which draws the same permutations. The test set stays balanced.
 
 The archives are Python pickles. They are read with the allow-list unpickler of
-:mod:`ltpipe.data.pickles`, which only rebuilds numpy arrays and plain containers,
+:mod:`ltpipe.datasets.pickles`, which only rebuilds numpy arrays and plain containers,
 so a tampered archive cannot run code.
 """
 
@@ -18,8 +18,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image
 
-from ltpipe.data.pickles import restricted_loads
-from ltpipe.errors import DataError
+from ltpipe.core.errors import DataError
+from ltpipe.datasets.pickles import restricted_loads
 
 ARCHIVES = {
     10: {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],

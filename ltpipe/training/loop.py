@@ -6,7 +6,6 @@ accuracy, or mAP for multi-label); the test split is never looked at here.
 """
 
 import copy
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,46 +16,20 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ltpipe import heads, losses, metrics, paths, stage2
-from ltpipe.config import Params
+from ltpipe import heads, losses
+from ltpipe.core import paths
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
+from ltpipe.core.runtime import resolve_device, seed_everything
 from ltpipe.data import manifest
-from ltpipe.errors import ConfigError, TrainingError
-from ltpipe.evaluation import check_features, check_posthoc, check_task
+from ltpipe.evaluation import metrics
+from ltpipe.evaluation.inference import FeatureInput, ViewInput, predict
+from ltpipe.evaluation.results import check_features, check_posthoc, check_task
 from ltpipe.features.store import SplitFeatures, TextFeatures
-from ltpipe.heads.linear import CosineClassifier
-from ltpipe.inference import FeatureInput, ViewInput, predict
-from ltpipe.runtime import resolve_device, seed_everything
-from ltpipe.samplers import SAMPLERS, class_members
-
-OPTIMIZERS = ("adamw", "sgd")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 256
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    momentum: float = 0.9
-    iterations: Optional[int] = None  # optimiser steps; when set, replaces `epochs`
-    key: str = "train"  # the params.yaml section read (sweep cells: `sweep.train`), for messages
-
-    @classmethod
-    def from_params(cls, section: Params) -> "TrainConfig":
-        return cls(
-            key=section.prefix,
-            epochs=section.int("epochs", minimum=1),
-            batch_size=section.int("batch_size", minimum=1),
-            optimizer=section.str("optimizer", choices=OPTIMIZERS),
-            lr=section.float("lr", minimum=0, exclusive_minimum=True),
-            weight_decay=section.float("weight_decay", minimum=0),
-            warmup_epochs=section.float("warmup_epochs", minimum=0),
-            momentum=section.float("momentum", minimum=0, maximum=1, default=0.9),
-            iterations=(None if section.raw("iterations", None) is None
-                        else section.int("iterations", minimum=1)),
-        )
+from ltpipe.training import checkpoint, stage2
+from ltpipe.training.samplers import SAMPLERS, class_members
+from ltpipe.training.spec import RunSpec, TrainConfig, read_run_spec
+from ltpipe.training.trainer import LoopOptions, Plan, Trainer, batches_of
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
@@ -77,18 +50,6 @@ def build_optimizer(groups: List[Dict], name: str, lr: float, momentum: float) -
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return build_optimizer(param_groups(model, cfg.weight_decay), cfg.optimizer, cfg.lr, cfg.momentum)
-
-
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """Linear warm-up, then cosine decay to zero (per step)."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
 
 
 # Seconds between redraws of a progress bar: in place in a terminal; in a log file (DVC's queue
@@ -126,82 +87,58 @@ def uninformative_loss(loss_fn: nn.Module, target: torch.Tensor, num_classes: in
 def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput, val_data: FeatureInput,
           val_labels: np.ndarray, cfg: TrainConfig, seed: int, multilabel: bool, num_classes: int,
           device: torch.device, logger=None, desc: str = "train") -> TrainResult:
-    """Fit the trainable parameters of ``head``; keep the state with the best validation score.
-
-    Losses that change over training (LDAM's deferred re-weighting) get
-    ``loss_fn.set_progress(step, total_steps)`` before each step. A progress bar named ``desc``
-    shows the epochs with the last loss and validation score.
-    """
+    """Fit the trainable parameters of ``head`` on cached features with :class:`Trainer`; keep the
+    state with the best validation score (``best_val``). A progress bar named ``desc`` shows the
+    epochs with the last loss and validation score."""
     head.to(device)
     loss_fn.to(device)
     labels = train_data.labels
     members = class_members(labels, num_classes)
     target = torch.from_numpy(labels.astype(np.float32) if multilabel else labels.astype(np.int64))
-    steps_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
-    total_steps = cfg.iterations or cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    if warmup_steps >= total_steps:
-        print(f"WARNING: the warm-up ({warmup_steps} steps, `{cfg.key}.warmup_epochs`) covers all {total_steps} "
-              f"training steps: the learning rate never reaches `{cfg.key}.lr` nor decays.")
-    optimizer = make_optimizer(head, cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
-    ema = None
-    if getattr(head, "ema_decay", 0.0) > 0:
-        # An exponential moving average of the weights, updated every step, is what is validated and
-        # kept (CPRFL's official code: 0.998).
-        ema = torch.optim.swa_utils.AveragedModel(
-            head, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(head.ema_decay), use_buffers=True)
-    best: Optional[TrainResult] = None
-    history = []
-    step = 0
-    bar = progress_bar(epochs, desc)
-    for epoch in range(epochs):
-        head.train()
+    plan = Plan.make(len(train_data), cfg.batch_size, cfg.epochs, cfg.iterations, cfg.warmup_epochs, "keep")
+    if plan.warmup_steps >= plan.total_steps:
+        print(f"WARNING: the warm-up ({plan.warmup_steps} steps, `{cfg.key}.warmup_epochs`) covers all "
+              f"{plan.total_steps} training steps: the learning rate never reaches `{cfg.key}.lr` nor decays.")
+    def nonfinite(loss: float, epoch: int, step: int) -> str:
+        return (f"the training loss became {loss} at epoch {epoch}. Lower `{cfg.key}.lr` (now {cfg.lr}) or check "
+                "the feature cache for NaN values.")
+
+    # An exponential moving average of the weights (CPRFL's official code: 0.998) is what is validated and kept.
+    options = LoopOptions(select="best_val", ema=getattr(head, "ema_decay", 0.0), nonfinite=nonfinite)
+    trainer = Trainer(head, loss_fn, make_optimizer(head, cfg), plan, device, options)
+    last_order = []
+
+    def feed(epoch: int, first: int, end: int):
         train_data.set_epoch(epoch)
         order = sampler(members, len(train_data), seed, epoch)
-        total, seen = 0.0, 0
-        for start in range(0, len(order), cfg.batch_size):
-            if step == total_steps:
-                break
-            # A batch is a set (the loss is its mean); sorted rows read the feature cache forwards.
-            index = np.sort(order[start:start + cfg.batch_size])
-            if hasattr(loss_fn, "set_progress"):
-                loss_fn.set_progress(step, total_steps)
-            logits = head(train_data.batch(index))
-            loss = loss_fn(logits, target[torch.from_numpy(index)].to(device))
-            if not torch.isfinite(loss):
-                bar.close()  # ends the bar's line before the error's
-                raise TrainingError(
-                    f"the training loss became {loss.item()} at epoch {epoch}. Lower `{cfg.key}.lr` (now {cfg.lr}) "
-                    "or check the feature cache for NaN values.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if ema is not None:
-                ema.update_parameters(head)
-            step += 1
-            total += float(loss.detach()) * len(index)
-            seen += len(index)
-        kept = ema.module if ema is not None else head
-        score = metrics.selection_score(predict(kept, val_data), val_labels, multilabel)
-        row = {"epoch": epoch, "train_loss": total / seen, "val_score": score,
-               "lr": optimizer.param_groups[0]["lr"]}
+        last_order[:] = [order]
+        for batch in batches_of(order, cfg.batch_size, first, end):
+            index = np.sort(batch)  # a batch is a set (the loss is its mean); sorted rows read the cache forwards
+            yield [(train_data.batch(index), target[torch.from_numpy(index)], 1.0, True)]
+
+    history = []
+    bar = progress_bar(plan.epochs, desc)
+
+    def on_epoch(row: Dict) -> None:
+        row = {"epoch": row["epoch"], "train_loss": row["train_loss"], "val_score": row["val_score"], "lr": row["lr"]}
         history.append(row)
         if logger is not None:
             logger(row)
-        if best is None or score > best.best_score:
-            best = TrainResult(copy.deepcopy(kept.state_dict()), epoch, score)
-        bar.set_postfix_str(f"loss {row['train_loss']:.4g}, val {score:.4f}, best {best.best_score:.4f} "
-                            f"(epoch {best.best_epoch})", refresh=False)
+        outcome = trainer.outcome
+        bar.set_postfix_str(f"loss {row['train_loss']:.4g}, val {row['val_score']:.4f}, best "
+                            f"{outcome.best_score:.4f} (epoch {outcome.best_epoch})", refresh=False)
         bar.update()
-    bar.close()
-    best.history = history
+
+    try:
+        outcome = trainer.run(feed, lambda model: metrics.selection_score(predict(model, val_data), val_labels,
+                                                                          multilabel), on_epoch=on_epoch)
+    finally:
+        bar.close()  # ends the bar's line before any error's
+    result = TrainResult(outcome.best_state, outcome.best_epoch, outcome.best_score, history)
     # On the rows the sampler drew last: a re-weighted loss under re-sampling weighs them differently.
-    best.uninformative_loss = uninformative_loss(loss_fn, target[torch.from_numpy(order)], num_classes, device)
-    head.load_state_dict(best.best_state)
-    return best
+    result.uninformative_loss = uninformative_loss(loss_fn, target[torch.from_numpy(last_order[0])], num_classes,
+                                                   device)
+    return result
 
 
 def trainable(module: nn.Module) -> bool:
@@ -256,15 +193,15 @@ def check_outcome(score: float, val_labels: np.ndarray, multilabel: bool, diverg
     return {"above_chance": above, "chance_score": round(chance, 6), "loss_diverged": bool(diverged)}
 
 
-def match_head_to_loss(head: nn.Module, loss_fn: nn.Module, loss_name: str) -> None:
+def match_head_to_loss(head_name: str, head: nn.Module, loss_name: str, loss_fn: nn.Module) -> None:
     """LDAM is defined on a normalised classifier with a fixed scale ``s`` (Cao et al. 2019)."""
-    scale = getattr(loss_fn, "head_scale", None)
-    if scale is None:
+    if not losses.LOSSES.capability(loss_name, "needs_fixed_scale"):
         return
-    if not isinstance(getattr(head, "classifier", None), CosineClassifier):
-        raise ConfigError(f"loss {loss_name!r} needs a normalised classifier: set `head: cosine` "
-                          f"(its scale is then fixed at `losses.{loss_name}.s` = {scale}).")
-    head.classifier.fix_scale(scale)
+    if not heads.HEADS.capability(head_name, "fixed_scale"):
+        raise ConfigError(f"loss {loss_name!r} needs a normalised classifier: set "
+                          f"`head: {' or '.join(heads.HEADS.names(fixed_scale=True))}` "
+                          f"(its scale is then fixed at `losses.{loss_name}.s` = {loss_fn.head_scale}).")
+    head.classifier.fix_scale(loss_fn.head_scale)
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -275,20 +212,16 @@ def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return labels.sum(axis=0, dtype=np.int64)
 
 
-def stage2_loss(choice: stage2.Stage2Choice, params: Params, head: nn.Module, task: str,
+def stage2_loss(choice: stage2.Stage2Choice, head_name: str, head: nn.Module, task: str,
                 counts: np.ndarray, num_images: int) -> Optional[nn.Module]:
     """Validate the stage-2 method against the stage-1 head and build its loss, before any
     training: a method that cannot apply fails here, not after stage 1 has trained."""
-    stage2.check_head(choice.name, head)
+    stage2.check_head(choice.name, head_name)
     with torch.random.fork_rng():  # a trial build: it must not shift the seeded initialisations after it
-        stage2.STAGE2.get(choice.name).build(head)  # method-specific refusals (tau_norm on cosine); reads only
+        stage2.STAGE2.get(choice.name)(head)  # method-specific refusals (tau_norm on cosine); reads only
     if choice.loss is None:
         return None
-    loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"), counts, num_images)
-    if getattr(loss_fn, "head_scale", None) is not None:
-        raise ConfigError(f"`stage2_methods.{choice.name}.loss` is {choice.loss!r}, which needs its own "
-                          "normalised classifier; stage 2 adjusts the stage-1 one. Use ce, grw or bsm.")
-    return loss_fn
+    return losses.build(choice.loss, task, choice.loss_options, counts, num_images)
 
 
 def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head: nn.Module,
@@ -334,38 +267,13 @@ def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head
     return model, summary
 
 
-@dataclass
-class RunChoice:
-    """What one run trains: the names a user types, validated against the task."""
-
-    head: str
-    loss: str
-    sampler: str
-    second: Optional[stage2.Stage2Choice]
-    seed: int
-
-    def identity(self) -> Dict:
-        return {"head": self.head, "loss": self.loss, "sampler": self.sampler,
-                "stage2": self.second.name if self.second else "none", "seed": self.seed}
-
-
-def validate_choice(head: str, loss: str, sampler: str, second: Optional[stage2.Stage2Choice], seed: int,
-                    task: str) -> RunChoice:
-    heads.HEADS.get(head)  # unknown names fail here, before any feature is read
-    losses.check(loss, task)
-    SAMPLERS.get(sampler)
-    return RunChoice(head, loss, sampler, second, seed)
-
-
-def fit(params: Params, prepared: manifest.Prepared, choice: RunChoice, logger=None):
-    """Train ``choice`` on the cached features; returns the model (stage 2 included) and a summary.
-    Reads `heads.<head>`, `losses.<loss>`, `train` and `model.device` (and, with a stage-2
-    method, its `losses.<name>`)."""
+def fit(spec: RunSpec, prepared: manifest.Prepared, logger=None):
+    """Train ``spec`` on the cached features; returns the model (stage 2 included) and a summary."""
     multilabel = prepared.multilabel
-    task = "multi" if multilabel else "single"
-    cfg = TrainConfig.from_params(params.sub("train"))
-    device = resolve_device(params.str("model.device"))
-    seed = choice.seed
+    task = spec.task
+    cfg = spec.train
+    device = resolve_device(spec.device)
+    seed = spec.seed
     seed_everything(seed)
     train_feats = SplitFeatures(paths.FEATURES_DIR / "train.h5")
     val_feats = SplitFeatures(paths.FEATURES_DIR / "val.h5")
@@ -374,13 +282,13 @@ def fit(params: Params, prepared: manifest.Prepared, choice: RunChoice, logger=N
     ctx = heads.HeadContext(prepared.num_classes, train_feats.pooled.shape[1], train_feats.token_shape,
                             text.embeddings, text.logit_scale,
                             tokens_have_cls=str(train_feats.attrs.get("token_layer")) in ("pre_ln", "post_ln"))
-    head = heads.build(choice.head, params.optional_sub(f"heads.{choice.head}"), ctx)
+    head = heads.build(spec.head, spec.head_options, ctx)
     counts = class_counts(train_feats.labels, prepared.num_classes)
     num_images = len(train_feats.labels)
-    loss_fn = losses.build(choice.loss, task, params.optional_sub(f"losses.{choice.loss}"), counts, num_images)
-    match_head_to_loss(head, loss_fn, choice.loss)
-    second = choice.second
-    second_loss = stage2_loss(second, params, head, task, counts, num_images) if second is not None else None
+    loss_fn = losses.build(spec.loss, task, spec.loss_options, counts, num_images)
+    match_head_to_loss(spec.head, head, spec.loss, loss_fn)
+    second = spec.stage2
+    second_loss = stage2_loss(second, spec.head, head, task, counts, num_images) if second is not None else None
     started = time.perf_counter()
     train_input = FeatureInput(train_feats, head.input, device)
     views_path = paths.FEATURES_DIR / "train_views.h5"
@@ -391,13 +299,14 @@ def fit(params: Params, prepared: manifest.Prepared, choice: RunChoice, logger=N
         train_input = ViewInput(views, head.input, device, int(views.attrs["views"]), seed)
         print(f"training on {train_input.views} cached augmented views per image")
     val_input = FeatureInput(val_feats, head.input, device)
-    if trainable(head):
-        result = train(head, loss_fn, SAMPLERS.get(choice.sampler), train_input, val_input, val_feats.labels, cfg,
-                       seed, multilabel, prepared.num_classes, device, logger, desc=f"train {choice.head}")
+    trains = heads.HEADS.capability(spec.head, "trains")
+    if trains:
+        result = train(head, loss_fn, SAMPLERS.get(spec.sampler), train_input, val_input, val_feats.labels, cfg,
+                       seed, multilabel, prepared.num_classes, device, logger, desc=f"train {spec.head}")
     else:
         result = fit_without_gradients(head, train_feats, val_input, val_feats.labels, multilabel)
     summary = {"best_epoch": result.best_epoch, "val_score": result.best_score}
-    print(f"trained {choice.head} with {choice.loss}: best validation score {result.best_score:.4f} "
+    print(f"trained {spec.head} with {spec.loss}: best validation score {result.best_score:.4f} "
           f"at epoch {result.best_epoch}")
     model, kept_score = head, result.best_score
     diverged = [reason for reason in [loss_diverged(result)] if reason]
@@ -415,7 +324,7 @@ def fit(params: Params, prepared: manifest.Prepared, choice: RunChoice, logger=N
         if extra.get("loss_diverged"):
             diverged.append(f"stage 2 {second.name}: {extra['loss_diverged']}")
     summary.update(check_outcome(kept_score, val_feats.labels, multilabel, diverged,
-                                 cfg.lr if trainable(head) or second is not None else None, f"{cfg.key}.lr"))
+                                 cfg.lr if trains or second is not None else None, f"{cfg.key}.lr"))
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return model, summary
 
@@ -423,23 +332,22 @@ def fit(params: Params, prepared: manifest.Prepared, choice: RunChoice, logger=N
 def run_stage(params: Params, logger=None) -> Dict:
     """The `train` stage: fit the head named by `head` with `loss` and `sampler`, then
     the `stage2` method, if any, on the frozen result."""
-    # Every choice is validated before any feature is loaded.
+    # Every choice is parsed and validated, once, before any feature is loaded.
     prepared = manifest.load(paths.PREPARED_DIR)
     task = "multi" if check_task(params, prepared) else "single"
-    choice = validate_choice(params.str("head"), params.str("loss"), params.str("sampler"),
-                             stage2.Stage2Choice.from_params(params, task), params.int("seed", minimum=0), task)
+    spec = read_run_spec(params, task)
     # Validate-only: `evaluate.posthoc` is used by `evaluate` alone (and is not a dependency of
     # train), but a choice that cannot apply to this task must fail before training, not after it.
     check_posthoc(params, task == "multi")
-    model, summary = fit(params, prepared, choice, logger)
-    run = choice.identity()
+    model, summary = fit(spec, prepared, logger)
+    run = spec.identity()
     saved_stage2 = run["stage2"]
-    if choice.second is not None:
+    if spec.stage2 is not None:
         # The run (eval.json) keeps the method asked for and says whether it was kept; the
         # checkpoint's `stage2` says what the saved model is.
         run["stage2_kept"] = summary["stage2_kept"]
         saved_stage2 = run["stage2"] if summary["stage2_kept"] else "none"
-    heads.save_checkpoint(paths.HEAD_CHECKPOINT, model, choice.head, run, stage2=saved_stage2,
-                          **{k: v for k, v in summary.items() if k != "seconds"})
+    checkpoint.save_checkpoint(paths.HEAD_CHECKPOINT, model, spec.head, run, stage2=saved_stage2,
+                               **{k: v for k, v in summary.items() if k != "seconds"})
     print(f"training took {summary['seconds']:.1f}s")
     return summary

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from ltpipe.errors import DiskFullError
+from ltpipe.core.errors import DiskFullError
 
 DATA = Path("data")
 WEIGHTS_DIR = DATA / "weights"

@@ -1,29 +1,26 @@
-"""The `zeroshot` and `evaluate` stages: test-split predictions to metrics JSON.
+"""What every stage that scores a model shares: the task, checks of the cached features, the
+run's identity and the metrics file.
 
-Both write one schema (``ltpipe.metrics``) plus the run's identity (dataset,
+Every stage writes one schema (``ltpipe.evaluation.metrics``) plus the run's identity (dataset,
 head, loss, sampler, stage-2 method, seed and the feature cache it read), so
 `dvc metrics diff` compares any two runs, zero-shot included.
 """
 
 import json
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 
-from ltpipe import metrics, paths
-from ltpipe.config import Params
+from ltpipe.core import paths
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError, DataError
 from ltpipe.data import manifest
-from ltpipe.errors import ConfigError, DataError
-from ltpipe.features.store import SplitFeatures, TextFeatures
-from ltpipe.heads import load_checkpoint
-from ltpipe.inference import FeatureInput, predict
-from ltpipe.runtime import resolve_device
+from ltpipe.evaluation import metrics
+from ltpipe.features.store import SplitFeatures
 
 TASKS = ("auto", "single", "multi")
 POSTHOC = ("none", "logit_adjust")
-ZEROSHOT_RUN = {"head": "zeroshot", "loss": "none", "sampler": "none", "stage2": "none", "seed": None,
-                "posthoc": "none", "posthoc_tau": None}
 
 
 def check_task(params: Params, prepared: manifest.Prepared) -> bool:
@@ -98,22 +95,6 @@ def write_metrics(logits: np.ndarray, labels: np.ndarray, prepared: manifest.Pre
     return payload
 
 
-def zeroshot_logits(pooled: np.ndarray, text: TextFeatures) -> np.ndarray:
-    """CLIP's zero-shot classifier: ``logit_scale * cos(image, class text)``."""
-    image = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
-    return text.logit_scale * image @ text.embeddings.T
-
-
-def run_zeroshot(params: Params) -> Dict:
-    prepared = manifest.load(paths.PREPARED_DIR)
-    check_task(params, prepared)
-    test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
-    check_features(test, prepared)
-    warn_skipped(test)
-    logits = zeroshot_logits(test.pooled, TextFeatures(paths.FEATURES_DIR / "text.h5"))
-    return write_metrics(logits, test.labels, prepared, run_fields(ZEROSHOT_RUN, prepared, test), "zeroshot")
-
-
 def log_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     counts = np.maximum(counts, 1.0)  # a class whose every image was skipped: no infinite adjustment
@@ -125,18 +106,6 @@ def logit_adjust(logits: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarra
     return logits - tau * prior
 
 
-def posthoc_logit_adjust(head, device, prepared: manifest.Prepared) -> Tuple[float, np.ndarray]:
-    """tau from ``metrics.TAU_GRID`` chosen on the validation split (tau = 0 is no adjustment, so the
-    validation score never drops), and the training log-prior it adjusts by."""
-    val = SplitFeatures(paths.FEATURES_DIR / "val.h5")
-    val_logits = predict(head, FeatureInput(val, head.input, device))
-    prior = log_prior(SplitFeatures.read_labels(paths.FEATURES_DIR / "train.h5"), prepared.num_classes)
-    tau, _ = metrics.pick_on_validation(
-        metrics.TAU_GRID,
-        lambda t: metrics.selection_score(logit_adjust(val_logits, prior, t), val.labels, False))
-    return tau, prior
-
-
 def check_posthoc(params: Params, multilabel: bool) -> str:
     """`evaluate.posthoc`, refused where it cannot apply. The train stage calls this too, to
     validate only (it never uses the value), so the refusal comes before training."""
@@ -146,23 +115,3 @@ def check_posthoc(params: Params, multilabel: bool) -> str:
                           "shift each class's logits by a constant, which leaves mAP unchanged, so tau could not be "
                           "chosen on validation. Set `evaluate.posthoc: none`.")
     return posthoc
-
-
-def run_evaluate(params: Params) -> Dict:
-    prepared = manifest.load(paths.PREPARED_DIR)
-    check_task(params, prepared)
-    posthoc = check_posthoc(params, prepared.multilabel)
-    device = resolve_device(params.str("model.device"))
-    head, run = load_checkpoint(paths.HEAD_CHECKPOINT)
-    head.to(device)
-    test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
-    check_features(test, prepared)
-    warn_skipped(test)
-    logits = predict(head, FeatureInput(test, head.input, device))
-    run = dict(run, posthoc=posthoc, posthoc_tau=None)
-    if posthoc == "logit_adjust":
-        tau, prior = posthoc_logit_adjust(head, device, prepared)
-        logits = logit_adjust(logits, prior, tau)
-        run["posthoc_tau"] = tau
-        print(f"post-hoc logit adjustment: tau {tau} (chosen on validation)")
-    return write_metrics(logits, test.labels, prepared, run_fields(run, prepared, test), "eval")

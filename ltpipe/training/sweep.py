@@ -1,6 +1,6 @@
 """Sweeps: every head x loss x seed listed under `sweep` in params.yaml, trained and
 evaluated on the cached features, one metrics file per cell (the `sweep` matrix stage;
-``ltpipe.report`` compares them).
+``ltpipe.evaluation.report`` compares them).
 
 A cell trains ``head`` with ``loss`` and ``seed`` using the sweep's own `sweep.sampler`
 and `sweep.train` (the options of `heads.<head>` and `losses.<loss>` are shared with the
@@ -13,23 +13,17 @@ with the reason, so one sweep list serves both tasks.
 import json
 from typing import Dict
 
-from ltpipe import losses, paths
-from ltpipe.config import Params
+from ltpipe import losses
+from ltpipe.core import paths
+from ltpipe.core.config import Params
+from ltpipe.core.runtime import resolve_device
 from ltpipe.data import manifest
-from ltpipe.evaluation import check_features, check_task, run_fields, write_metrics
+from ltpipe.evaluation.inference import FeatureInput, predict
+from ltpipe.evaluation.report import cell_name
+from ltpipe.evaluation.results import check_features, check_task, run_fields, write_metrics
 from ltpipe.features.store import SplitFeatures
-from ltpipe.inference import FeatureInput, predict
-from ltpipe.report import cell_name
-from ltpipe.runtime import resolve_device
-from ltpipe.training import fit, validate_choice
-
-
-class SweepParams(Params):
-    """The parameters as a cell reads them: the training schedule from `sweep.train`, so
-    ``training.fit`` (which reads `train`) trains the cell with the sweep's own section."""
-
-    def sub(self, key: str) -> Params:
-        return super().sub("sweep.train" if key == "train" else key)
+from ltpipe.training.loop import fit
+from ltpipe.training.spec import read_run_spec
 
 
 def run_cell(params: Params, head: str, loss: str, seed: int) -> Dict:
@@ -45,11 +39,12 @@ def run_cell(params: Params, head: str, loss: str, seed: int) -> Dict:
         (paths.SWEEP_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
         print(f"sweep {name}: skipped ({payload['skipped']})")
         return payload
-    choice = validate_choice(head, loss, params.str("sweep.sampler"), None, seed, task)
-    model, _ = fit(SweepParams(params.data, params.source), prepared, choice)
-    device = resolve_device(params.str("model.device"))
+    spec = read_run_spec(params, task, head=head, loss=loss, seed=seed, sampler_key="sweep.sampler",
+                         train_key="sweep.train", with_stage2=False)
+    model, _ = fit(spec, prepared)
+    device = resolve_device(spec.device)
     test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
     check_features(test, prepared)
     logits = predict(model.to(device), FeatureInput(test, model.input, device))
-    fields = run_fields(dict(choice.identity(), posthoc="none", posthoc_tau=None), prepared, test)
+    fields = run_fields(dict(spec.identity(), posthoc="none", posthoc_tau=None), prepared, test)
     return write_metrics(logits, test.labels, prepared, fields, name, paths.SWEEP_DIR, per_class=False)

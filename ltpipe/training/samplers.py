@@ -9,7 +9,7 @@ from typing import Callable, List
 
 import numpy as np
 
-from ltpipe.registry import Registry
+from ltpipe.core.registry import Registry
 
 Sampler = Callable[[List[np.ndarray], int, int, int], np.ndarray]
 SAMPLERS: Registry[Sampler] = Registry("sampler", "sampler")

@@ -11,9 +11,9 @@ from typing import Dict, List, Sequence
 import numpy as np
 import pandas as pd
 
-from ltpipe import paths
-from ltpipe.config import Params
-from ltpipe.errors import ConfigError, DataError
+from ltpipe.core import paths
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError, DataError
 
 SINGLE_KEYS = ("top1", "top5", "balanced_acc", "many", "medium", "few", "macro_f1", "nll", "ece")
 MULTI_KEYS = ("mAP", "mAP_head", "mAP_medium", "mAP_tail", "CF1", "OF1")

@@ -1,0 +1,1 @@
+"""Prediction, metrics, the evaluate and zeroshot stages, and the sweep report."""

@@ -1,0 +1,76 @@
+"""What one run trains, parsed once from params.yaml: the typed run spec.
+
+A stage reads params.yaml here, once: the names a user types (head, loss, sampler, stage-2
+method), each name's typed options (:mod:`ltpipe.core.options`), the seed, the optimiser and
+schedule, and the device. Everything below the stage takes these objects, never `Params`.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from ltpipe import heads, losses
+from ltpipe.core.config import Params
+from ltpipe.core.options import option, parse
+from ltpipe.training import stage2
+from ltpipe.training.samplers import SAMPLERS
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimiser and schedule of training on cached features (`train`, or a sweep cell's
+    `sweep.train`)."""
+
+    epochs: int = option(100, minimum=1, doc="passes over the training split")
+    batch_size: int = option(128, minimum=1)
+    optimizer: str = option("adamw", choices=OPTIMIZERS, doc="adamw, or sgd with Nesterov momentum")
+    lr: float = option(0.02, above=0, doc="peak learning rate (after the linear warm-up; cosine decay to 0)")
+    weight_decay: float = option(0.0005, minimum=0, doc="on weight matrices only (tensors of 2 or more dimensions)")
+    warmup_epochs: float = option(1.0, minimum=0)
+    momentum: float = option(0.9, minimum=0, maximum=1, doc="sgd only")
+    iterations: Optional[int] = option(None, minimum=1, doc="optimiser steps; when set, replaces epochs")
+    key: str = field(default="train", metadata={"param": False})  # the section read, for messages
+
+    @classmethod
+    def from_params(cls, section: Params) -> "TrainConfig":
+        return parse(cls, section)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str  # single | multi
+    head: str
+    head_options: Any
+    loss: str
+    loss_options: Any
+    sampler: str
+    stage2: Optional[stage2.Stage2Choice]
+    seed: int
+    train: Optional[TrainConfig]  # None where another section schedules training (fine-tuning)
+    device: str
+
+    def identity(self) -> Dict:
+        """The names that identify the run in its metrics and checkpoint."""
+        return {"head": self.head, "loss": self.loss, "sampler": self.sampler,
+                "stage2": self.stage2.name if self.stage2 else "none", "seed": self.seed}
+
+
+def read_run_spec(params: Params, task: str, head: Optional[str] = None, loss: Optional[str] = None,
+                  seed: Optional[int] = None, sampler_key: str = "sampler", train_key: Optional[str] = "train",
+                  with_stage2: bool = True) -> RunSpec:
+    """The run spec from ``params``: `head`, `loss`, `sampler`, `stage2`, `seed` and `train` with
+    their options sections, validated against ``task``. A sweep cell passes its own head, loss and
+    seed and reads `sweep.sampler` and `sweep.train`; fine-tuning schedules itself (``train_key=None``)."""
+    head = params.str("head") if head is None else head
+    loss = params.str("loss") if loss is None else loss
+    sampler = params.str(sampler_key)
+    second = stage2.Stage2Choice.from_params(params, task) if with_stage2 else None
+    seed = params.int("seed", minimum=0) if seed is None else seed
+    heads.HEADS.entry(head)  # unknown names fail here, before any option or feature is read
+    losses.check(loss, task)
+    SAMPLERS.entry(sampler)
+    return RunSpec(task=task, head=head, head_options=heads.HEADS.options(head, params), loss=loss,
+                   loss_options=losses.LOSSES.options(loss, params), sampler=sampler, stage2=second, seed=seed,
+                   train=TrainConfig.from_params(params.sub(train_key)) if train_key else None,
+                   device=params.str("model.device"))
