@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -190,8 +191,8 @@ def test_a_benchmark_without_its_section_asks_for_the_root(tmp_path):
 
 
 def test_unknown_dataset_lists_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown dataset 'imagenet'.*Valid names: cifar100_lt, cifar10_lt, "
-                                          r"coco_lt, custom, imagenet_lt, inat18"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'imagenet'.*Valid names: "
+                                          + re.escape(", ".join(DATASETS.names())) + r"\."):
         prepare(params("imagenet", {}), tmp_path)
 
 

@@ -89,7 +89,7 @@ EXPECTED_TRAINABLE = {
 }
 
 
-@pytest.mark.parametrize("mode", ["full", "partial", "bitfit", "vpt", "coop"])
+@pytest.mark.parametrize("mode", modes.MODES.names())
 def test_each_mode_trains_its_parameters_only_and_its_loss_falls(inside, tmp_path, mode):
     head = "zeroshot" if mode == "coop" else "cosine"
     model, clip_model, preprocess, prepared = build(mode, head)

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -62,9 +63,8 @@ def test_loss_for_the_wrong_task_is_refused():
 
 
 def test_unknown_loss_lists_names():
-    with pytest.raises(ConfigError,
-                       match=r"unknown loss 'focl'.*Valid names: asl, bce, bsm, cb, cb_focal, cbw, ce, dbl, focal, "
-                             r"grw, la, lade, ldam, mls\."):
+    with pytest.raises(ConfigError, match=r"unknown loss 'focl'.*Valid names: "
+                                          + re.escape(", ".join(losses.LOSSES.names())) + r"\."):
         losses.check("focl", "single")
 
 
@@ -93,8 +93,9 @@ def rows(logits=LOGITS, target=TARGET):
 # --------------------------------------------------------------------------- every single-label loss
 
 
-def test_single_label_loss_names():
-    assert SINGLE == ["bsm", "cb", "cbw", "ce", "focal", "grw", "la", "lade", "ldam"]
+def test_the_papers_single_label_losses_are_registered():
+    # Imbalance-VLM's losses and the project's additions; more may be registered.
+    assert {"bsm", "cb", "cbw", "ce", "focal", "grw", "la", "lade", "ldam"} <= set(SINGLE)
 
 
 @pytest.mark.parametrize("name", SINGLE)

@@ -1,6 +1,7 @@
 """Multi-label losses and the one-name-two-tasks loss registry."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -55,8 +56,10 @@ def elements(logits=LOGITS, target=TARGET):
 
 
 def test_names_per_task_and_their_union():
-    assert losses.names_for("multi") == ["asl", "bce", "cb_focal", "dbl", "focal", "mls"]
-    assert losses.names_for("single") == ["bsm", "cb", "cbw", "ce", "focal", "grw", "la", "lade", "ldam"]
+    # The papers' losses (CPRFL, DBL; Imbalance-VLM) are all there; more may be registered.
+    assert {"asl", "bce", "cb_focal", "dbl", "focal", "mls"} <= set(losses.names_for("multi"))
+    assert {"bsm", "cb", "cbw", "ce", "focal", "grw", "la", "lade", "ldam"} <= set(losses.names_for("single"))
+    assert not set(losses.names_for("multi")) & {"ce", "lade"} and "asl" not in losses.names_for("single")
     assert losses.LOSSES.names() == sorted(set(losses.names_for("multi")) | set(losses.names_for("single")))
     assert "focal" in losses.LOSSES and "dbl" in losses.LOSSES and "focl" not in losses.LOSSES
     with pytest.raises(ValueError, match="task"):
@@ -75,13 +78,15 @@ def test_one_name_builds_the_variant_of_the_task():
 
 
 def test_a_loss_of_the_other_task_is_refused_with_the_valid_names():
+    single, multi = (re.escape(", ".join(losses.names_for(task))) for task in ("single", "multi"))
     with pytest.raises(ConfigError, match=r"loss 'asl' is for multi-label tasks, but this dataset is single-label\. "
-                                          r"Losses for it: bsm, cb, cbw, ce, focal, grw, la, lade, ldam\."):
+                                          rf"Losses for it: {single}\."):
         losses.check("asl", "single")
     with pytest.raises(ConfigError, match=r"loss 'lade' is for single-label tasks, but this dataset is multi-label\. "
-                                          r"Losses for it: asl, bce, cb_focal, dbl, focal, mls\."):
+                                          rf"Losses for it: {multi}\."):
         losses.build("lade", "multi", None, COUNTS, N)
-    with pytest.raises(ConfigError, match=r"unknown loss 'dlb'.*Valid names: asl, bce, bsm, cb, cb_focal"):
+    with pytest.raises(ConfigError, match=r"unknown loss 'dlb'.*Valid names: "
+                                          + re.escape(", ".join(losses.LOSSES.names()))):
         losses.check("dlb", "multi")
 
 

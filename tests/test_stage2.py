@@ -66,7 +66,7 @@ def state(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", ["crt", "lws", "disalign", "marc", "tau_norm"])
+@pytest.mark.parametrize("name", stage2.STAGE2.names())
 def test_stage2_changes_only_its_own_parameters(name):
     initial = {}
     head, model, _, _, _ = run(name, adjuster_before=initial)

@@ -85,6 +85,27 @@ def parse(options_type: type, section: Optional[Params]) -> Any:
     return options_type(**values)
 
 
+def check(options, key: str) -> None:
+    """Refuse an options object built in code (not read from params.yaml) whose values lie outside
+    the bounds its fields declare; ``key`` names it in the message."""
+    for field in option_fields(type(options)):
+        value, meta = getattr(options, field.name), field.metadata
+        if value is None or isinstance(value, (bool, str)):
+            if isinstance(value, str) and meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"`{key}.{field.name}` is {value!r}; valid values: {', '.join(meta['choices'])}.")
+            continue
+        minimum, maximum = meta.get("minimum"), meta.get("maximum")
+        if minimum is not None and meta.get("exclusive_minimum") and value <= minimum:
+            raise ConfigError(f"`{key}.{field.name}` must be greater than {minimum}, got {value}.")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"`{key}.{field.name}` must be at least {minimum}, got {value}.")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"`{key}.{field.name}` must be at most {maximum}, got {value}.")
+        reason = meta["check"](value) if meta.get("check") else None
+        if reason:
+            raise ConfigError(f"`{key}.{field.name}` {reason}, got {value}.")
+
+
 def defaults(options_type: type) -> Dict[str, Any]:
     """The options and their defaults, as params.yaml writes them."""
     return {f.name: f.default for f in option_fields(options_type)}

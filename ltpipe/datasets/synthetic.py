@@ -12,7 +12,6 @@ drawn from the same long-tailed distribution, so label frequencies are long-tail
 and labels co-occur, as in COCO-LT.
 """
 
-import dataclasses
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +20,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ltpipe.core.config import Params
-from ltpipe.core.options import option, parse
+from ltpipe.core.options import check, option
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star")
 COLORS = {
@@ -56,7 +54,7 @@ class SyntheticSpec:
 
     def validate(self) -> None:
         """Refuse values outside the bounds declared above (a spec built in code, not read from params.yaml)."""
-        parse(type(self), Params(dataclasses.asdict(self), prefix="synthetic"))
+        check(self, "synthetic spec")
 
 
 def class_names(num_classes: int) -> List[str]:

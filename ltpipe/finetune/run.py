@@ -151,23 +151,30 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     test_logits = predict_images(model, images("test", preprocess), cfg.micro_batch, device, precision, workers,
                                  cfg.workers)
     if workers.rank == 0:
-        run = dict(choice.identity(), mode=mode_name, posthoc="none", posthoc_tau=None)
-        ft_model.save_finetuned(paths.FINETUNE_DIR / f"{mode_name}.pt", model, mode, choice.head, weights.sha256, run)
-        cache = model_id(weights.arch, weights.pretrained, weights.sha256)
-        fields = dict(dataset=prepared.name, task=prepared.task, **run, features=f"{cache}+finetune")
-        result = write_metrics(test_logits, prepared.label_array("test"), prepared, fields, mode_name,
-                               paths.FINETUNE_METRICS_DIR)
-        report = dict(summary, config=asdict(cfg),
-                      trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
-        (paths.FINETUNE_METRICS_DIR / f"{mode_name}_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        shutil.rmtree(work_dir, ignore_errors=True)
-        headline = "mAP" if prepared.multilabel else "top1"
-        print(f"finetune {mode_name}: test {headline} {result[headline]:.4f} (few {result.get('few', 'n/a')}); "
-              f"{summary['seconds']:.1f}s, {summary['steps_per_second']} steps/s")
+        save_results(model, mode, choice, cfg, prepared, weights, test_logits, summary, work_dir)
     workers.barrier()
     if workers.world > 1:
         torch.distributed.destroy_process_group()
     return summary
+
+
+def save_results(model, mode, choice, cfg: FinetuneConfig, prepared: manifest.Prepared, weights, test_logits,
+                 summary: Dict, work_dir: Path) -> None:
+    """The fine-tuned model, its test metrics and its report (rank 0); the resume state goes."""
+    mode_name = mode.name
+    run = dict(choice.identity(), mode=mode_name, posthoc="none", posthoc_tau=None)
+    ft_model.save_finetuned(paths.FINETUNE_DIR / f"{mode_name}.pt", model, mode, choice.head, weights.sha256, run)
+    cache = model_id(weights.arch, weights.pretrained, weights.sha256)
+    fields = dict(dataset=prepared.name, task=prepared.task, **run, features=f"{cache}+finetune")
+    result = write_metrics(test_logits, prepared.label_array("test"), prepared, fields, mode_name,
+                           paths.FINETUNE_METRICS_DIR)
+    report = dict(summary, config=asdict(cfg),
+                  trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    (paths.FINETUNE_METRICS_DIR / f"{mode_name}_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    headline = "mAP" if prepared.multilabel else "top1"
+    print(f"finetune {mode_name}: test {headline} {result[headline]:.4f} (few {result.get('few', 'n/a')}); "
+          f"{summary['seconds']:.1f}s, {summary['steps_per_second']} steps/s")
 
 
 def _saved_step(path: Path) -> int:

@@ -186,42 +186,12 @@ def plan_run(num_images: int, cfg: FinetuneConfig, world: int) -> Tuple[Plan, in
     return Plan.make(num_images, cfg.batch_size, cfg.epochs, cfg.iterations, cfg.warmup_epochs, "drop"), accumulation
 
 
-def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, labels: np.ndarray, num_classes: int,
-             cfg: FinetuneConfig, seed: int, device: torch.device, precision: str,
-             workers: Workers, work_dir: Path, log_step: Optional[Callable[[Dict], None]] = None,
-             validate: Optional[Callable[[nn.Module], float]] = None) -> Dict:
-    """Fine-tune ``model`` (a :class:`ltpipe.finetune.model.FinetuneModel`) in place with
-    :class:`~ltpipe.training.trainer.Trainer`; return a summary. The model kept is the last one.
-
-    Training images are augmented at the encoder's input size and normalisation. ``validate(model)``,
-    when given, scores the model on the validation split at the end of every epoch.
-    """
-    plan, accumulation = plan_run(len(labels), cfg, workers.world)
-    if plan.warmup_steps >= plan.total_steps:
-        print(f"WARNING: the warm-up ({plan.warmup_steps} steps) covers all {plan.total_steps} steps: the learning "
-              "rate never reaches `finetune.train.lr` nor decays.")
+def image_feed(views: AugmentedViews, sampler: Callable, labels: np.ndarray, num_classes: int, cfg: FinetuneConfig,
+               plan: Plan, accumulation: int, workers: Workers, seed: int, device: torch.device):
+    """The trainer's feed: each step's global batch from the sampler's epoch order, this process's
+    micro-batches of it as augmented images (see the module docstring)."""
     members = class_members(labels, num_classes)
     target = torch.from_numpy(labels.astype(np.float32) if labels.ndim == 2 else labels.astype(np.int64))
-    views = AugmentedViews.for_encoder(files, plan.epochs, model.encoder.visual, seed, cfg.min_scale)
-    loss_fn.to(device)
-    resume = ResumeState(work_dir, workers)
-
-    def nonfinite(loss: float, epoch: int, step: int) -> str:
-        return (f"the fine-tuning loss became {loss} at step {step}. Lower `finetune.train.lr` / `head_lr` (now "
-                f"{cfg.lr} / {cfg.head_lr}); the last checkpoint ({resume.path}) is kept.")
-
-    options = LoopOptions(select="last", ema=cfg.ema, clip_grad_norm=cfg.clip_grad_norm, precision=precision,
-                          world=workers.world, nonfinite=nonfinite)
-    trainer = Trainer(model, loss_fn, make_optimizer(model, cfg), plan, device, options)
-    if workers.world > 1 and workers.rank > 0:
-        torch.manual_seed(seed + 7919 * workers.rank)  # dropout masks differ across processes
-    trainer.step = resume.load(model, trainer.optimizer, trainer.schedule, trainer.scaler, trainer.ema, device)
-    if trainer.step:
-        print(f"resuming fine-tuning at step {trainer.step} of {plan.total_steps} from {resume.path}")
-    trainer.outcome.last_loss, trainer.outcome.last_score = resume.saved.get("loss"), resume.saved.get("val_score")
-    if workers.world > 1:
-        trainer.trained = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def feed(epoch: int, first: int, end: int):
         order = sampler(members, len(labels), seed, epoch)
@@ -242,31 +212,91 @@ def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, la
         for batch in batches:
             yield step_batches(batch)
 
-    started, first_step = time.perf_counter(), trainer.step
-    bar = progress_bar(plan.total_steps, f"finetune ({plan.epochs} epochs)", unit="step", initial=trainer.step,
-                       disable=workers.rank > 0)
+    return feed
 
-    def on_step(row: Dict) -> None:
-        if log_step is not None and workers.rank == 0:
-            log_step({"step": row["step"], "epoch": row["epoch"], "loss": row["loss"],
-                      **{f"lr/{name}": rate for name, rate in row["rates"].items()}})  # the rates this step used
 
-    def on_epoch(row: Dict) -> None:
-        if validate is not None and log_step is not None and workers.rank == 0:
-            log_step({"step": row["step"], "epoch": row["epoch"], "val_score": row["val_score"]})
+def resumed_trainer(model, loss_fn: nn.Module, cfg: FinetuneConfig, plan: Plan, seed: int, device: torch.device,
+                    precision: str, workers: Workers, resume: "ResumeState") -> Trainer:
+    """The trainer of a fine-tuning run (``select: last``), restored from the last checkpoint if any."""
 
-    def after_step(step: int) -> None:
+    def nonfinite(loss: float, epoch: int, step: int) -> str:
+        return (f"the fine-tuning loss became {loss} at step {step}. Lower `finetune.train.lr` / `head_lr` (now "
+                f"{cfg.lr} / {cfg.head_lr}); the last checkpoint ({resume.path}) is kept.")
+
+    options = LoopOptions(select="last", ema=cfg.ema, clip_grad_norm=cfg.clip_grad_norm, precision=precision,
+                          world=workers.world, nonfinite=nonfinite)
+    trainer = Trainer(model, loss_fn, make_optimizer(model, cfg), plan, device, options)
+    if workers.world > 1 and workers.rank > 0:
+        torch.manual_seed(seed + 7919 * workers.rank)  # dropout masks differ across processes
+    trainer.step = resume.load(model, trainer.optimizer, trainer.schedule, trainer.scaler, trainer.ema, device)
+    if trainer.step:
+        print(f"resuming fine-tuning at step {trainer.step} of {plan.total_steps} from {resume.path}")
+    trainer.outcome.last_loss, trainer.outcome.last_score = resume.saved.get("loss"), resume.saved.get("val_score")
+    if workers.world > 1:
+        trainer.trained = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return trainer
+
+
+class RunLog:
+    """The trainer's callbacks while fine-tuning: per-step log rows, validation rows, checkpoints
+    every ``checkpoint_every`` steps (and at the end), and the progress bar."""
+
+    def __init__(self, trainer: Trainer, resume: "ResumeState", cfg: FinetuneConfig, workers: Workers,
+                 log_step: Optional[Callable[[Dict], None]], validates: bool):
+        self.trainer, self.resume, self.cfg = trainer, resume, cfg
+        self.log_step = log_step if workers.rank == 0 else None
+        self.validates = validates
+        plan = trainer.plan
+        self.bar = progress_bar(plan.total_steps, f"finetune ({plan.epochs} epochs)", unit="step",
+                                initial=trainer.step, disable=workers.rank > 0)
+
+    def on_step(self, row: Dict) -> None:
+        if self.log_step is not None:
+            self.log_step({"step": row["step"], "epoch": row["epoch"], "loss": row["loss"],
+                           **{f"lr/{name}": rate for name, rate in row["rates"].items()}})  # the rates this step used
+
+    def on_epoch(self, row: Dict) -> None:
+        if self.validates and self.log_step is not None:
+            self.log_step({"step": row["step"], "epoch": row["epoch"], "val_score": row["val_score"]})
+
+    def after_step(self, step: int) -> None:
+        trainer = self.trainer
         last = {"loss": trainer.outcome.last_loss, "val_score": trainer.outcome.last_score}
-        if step % cfg.checkpoint_every == 0 or step == plan.total_steps:
-            resume.save(step, model, trainer.optimizer, trainer.schedule, trainer.scaler, trainer.ema, device, **last)
+        if step % self.cfg.checkpoint_every == 0 or step == trainer.plan.total_steps:
+            self.resume.save(step, trainer.model, trainer.optimizer, trainer.schedule, trainer.scaler, trainer.ema,
+                             trainer.device, **last)
         shown = "" if last["val_score"] is None else f", val {last['val_score']:.4f}"
-        bar.set_postfix_str(f"epoch {plan.epoch_steps(step - 1)[0]}, loss {last['loss']:.4g}{shown}", refresh=False)
-        bar.update()
+        self.bar.set_postfix_str(f"epoch {trainer.plan.epoch_steps(step - 1)[0]}, loss {last['loss']:.4g}{shown}",
+                                 refresh=False)
+        self.bar.update()
 
+
+def finetune(model, loss_fn: nn.Module, sampler: Callable, files: ImageFiles, labels: np.ndarray, num_classes: int,
+             cfg: FinetuneConfig, seed: int, device: torch.device, precision: str,
+             workers: Workers, work_dir: Path, log_step: Optional[Callable[[Dict], None]] = None,
+             validate: Optional[Callable[[nn.Module], float]] = None) -> Dict:
+    """Fine-tune ``model`` (a :class:`ltpipe.finetune.model.FinetuneModel`) in place with
+    :class:`~ltpipe.training.trainer.Trainer`; return a summary. The model kept is the last one.
+
+    Training images are augmented at the encoder's input size and normalisation. ``validate(model)``,
+    when given, scores the model on the validation split at the end of every epoch.
+    """
+    plan, accumulation = plan_run(len(labels), cfg, workers.world)
+    if plan.warmup_steps >= plan.total_steps:
+        print(f"WARNING: the warm-up ({plan.warmup_steps} steps) covers all {plan.total_steps} steps: the learning "
+              "rate never reaches `finetune.train.lr` nor decays.")
+    views = AugmentedViews.for_encoder(files, plan.epochs, model.encoder.visual, seed, cfg.min_scale)
+    loss_fn.to(device)
+    resume = ResumeState(work_dir, workers)
+    trainer = resumed_trainer(model, loss_fn, cfg, plan, seed, device, precision, workers, resume)
+    feed = image_feed(views, sampler, labels, num_classes, cfg, plan, accumulation, workers, seed, device)
+    started, first_step = time.perf_counter(), trainer.step
+    log = RunLog(trainer, resume, cfg, workers, log_step, validate is not None)
     try:
-        outcome = trainer.run(feed, validate, on_step=on_step, on_epoch=on_epoch, after_step=after_step)
+        outcome = trainer.run(feed, validate, on_step=log.on_step, on_epoch=log.on_epoch, after_step=log.after_step)
     finally:
-        bar.close()
+        log.bar.close()
     seconds = time.perf_counter() - started
     steps_done = trainer.step - first_step
     return {"steps": plan.total_steps, "epochs": plan.epochs, "resumed_from_step": first_step,

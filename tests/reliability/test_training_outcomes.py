@@ -70,8 +70,8 @@ def stage2_outcome(name, capsys):
     return head, model, summary, memory_input(val_x, val_y), capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["crt", "lws", "disalign", "marc"],
-                         ids=[f"{n}_worse_than_stage1" for n in ["crt", "lws", "disalign", "marc"]])
+@pytest.mark.parametrize("name", stage2.STAGE2.names(trains=True),
+                         ids=[f"{n}_worse_than_stage1" for n in stage2.STAGE2.names(trains=True)])
 def test_stage2_worse_than_stage1_keeps_stage1(name, capsys):
     head, model, summary, val_in, out = stage2_outcome(name, capsys)
     np.testing.assert_array_equal(predict(model, val_in), predict(head, val_in))  # the model IS stage 1
