@@ -19,19 +19,20 @@ HEADS: Registry = Registry("head", "head", section="heads")
 TASKS = ("single", "multi")
 
 
-def register(name: str, options: type = NoOptions, *, input: str, trains: bool,
+def register(name: str, options: type = NoOptions, *, input: str, trains: bool, fits: bool = False,
              adjustable_classifier: bool = False, fixed_scale: bool = False, tasks: tuple = TASKS):
     """Register a head class under ``name`` with its options dataclass and capabilities:
 
     - ``input``: the cached input it reads, ``pooled`` or ``tokens``;
-    - ``trains``: trained by gradient descent (else built or fitted in one pass: zeroshot, knn, ncm);
+    - ``trains``: trained by gradient descent (else built, or fitted in one pass);
+    - ``fits``: fitted to the training features in one pass (``head.fit(pooled, labels)``: knn, ncm);
     - ``adjustable_classifier``: has ``features`` and ``make_classifier``, so two-stage methods apply;
     - ``fixed_scale``: its classifier is ``s * cos`` with a scale that can be held fixed (LDAM needs it).
     """
 
     def decorator(cls):
         cls.input = input  # a head rebuilt from a checkpoint knows what it reads
-        return HEADS.register(name, options, input=input, trains=trains, tasks=tasks,
+        return HEADS.register(name, options, input=input, trains=trains, fits=fits, tasks=tasks,
                               adjustable_classifier=adjustable_classifier, fixed_scale=fixed_scale)(cls)
 
     return decorator

@@ -116,7 +116,7 @@ class NCMOptions:
     scale: float = option(16.0, above=0, doc="s of the logits s * cos(x, class mean)")
 
 
-@register("knn", KNNOptions, input="pooled", trains=False)
+@register("knn", KNNOptions, input="pooled", trains=False, fits=True)
 class KNNHead(_IndexedHead):
     """Weighted k-nearest-neighbour classifier (Wu et al., CVPR 2018, "Unsupervised Feature
     Learning via Non-Parametric Instance Discrimination"; the weighted kNN evaluation of
@@ -189,7 +189,7 @@ class KNNHead(_IndexedHead):
         return logits.to(device=x.device, dtype=torch.float32)
 
 
-@register("ncm", NCMOptions, input="pooled", trains=False)
+@register("ncm", NCMOptions, input="pooled", trains=False, fits=True)
 class NCMHead(_IndexedHead):
     """Nearest class mean: ``z_c = scale * cos(x, m_c)``, where ``m_c`` is the re-normalised mean
     of the normalised training features of class ``c`` (multi-label: of the images that have

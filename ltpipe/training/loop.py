@@ -141,14 +141,10 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     return result
 
 
-def trainable(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
-
-
-def fit_without_gradients(head: nn.Module, train_feats: SplitFeatures, val_data: FeatureInput,
+def fit_without_gradients(head_name: str, head: nn.Module, train_feats: SplitFeatures, val_data: FeatureInput,
                           val_labels: np.ndarray, multilabel: bool) -> TrainResult:
-    """Heads with nothing to train (zeroshot) or fitted in one pass (knn, ncm)."""
-    if hasattr(head, "fit"):
+    """Heads with nothing to train (zeroshot) or fitted in one pass (knn, ncm: capability ``fits``)."""
+    if heads.HEADS.capability(head_name, "fits"):
         head.fit(train_feats.pooled, train_feats.labels)
     head.to(val_data.device)
     score = metrics.selection_score(predict(head, val_data), val_labels, multilabel)
@@ -304,7 +300,7 @@ def fit(spec: RunSpec, prepared: manifest.Prepared, logger=None):
         result = train(head, loss_fn, SAMPLERS.get(spec.sampler), train_input, val_input, val_feats.labels, cfg,
                        seed, multilabel, prepared.num_classes, device, logger, desc=f"train {spec.head}")
     else:
-        result = fit_without_gradients(head, train_feats, val_input, val_feats.labels, multilabel)
+        result = fit_without_gradients(spec.head, head, train_feats, val_input, val_feats.labels, multilabel)
     summary = {"best_epoch": result.best_epoch, "val_score": result.best_score}
     print(f"trained {spec.head} with {spec.loss}: best validation score {result.best_score:.4f} "
           f"at epoch {result.best_epoch}")
