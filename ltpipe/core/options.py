@@ -58,6 +58,9 @@ def _read(section: Params, field: dataclasses.Field, hint) -> Any:
     if kind is float:
         return section.float(field.name, minimum=meta.get("minimum"), maximum=meta.get("maximum"),
                              exclusive_minimum=meta.get("exclusive_minimum", False), default=field.default)
+    if kind is str and nullable:
+        value = section.optional_str(field.name, default=field.default)  # "a string or null" when it is neither
+        return section.str(field.name, choices=meta.get("choices"), default=field.default) if value else value
     if kind is str:
         return section.str(field.name, choices=meta.get("choices"), default=field.default)
     raise TypeError(f"option {field.name}: unsupported type {hint!r}")
