@@ -6,10 +6,18 @@ from torch import nn
 
 from ltpipe.core.errors import ConfigError
 from ltpipe.features.store import SplitFeatures
+from ltpipe.features.token_reader import available_memory, choose_token_cache
 
 
 class FeatureInput:
-    """Feeds a head the cached input it reads (pooled embeddings or token grids)."""
+    """Feeds a head the cached input it reads (pooled embeddings or token grids).
+
+    Token grids are read in the cache's dtype (float16) into a reused host buffer and cast to
+    float32 on the device: float16 -> float32 is exact, so the values are those of a cast on the
+    CPU, with half the bytes to move. On CUDA the host buffers are pinned and copied with
+    ``non_blocking``; two of them alternate so that a batch read ahead (``read_ahead``) never
+    overwrites one whose copy may still be under way.
+    """
 
     def __init__(self, features: SplitFeatures, kind: str, device: torch.device):
         if kind not in ("pooled", "tokens"):
@@ -21,6 +29,15 @@ class FeatureInput:
         self.kind = kind
         self.device = device
         self._pooled = torch.from_numpy(features.pooled) if kind == "pooled" else None
+        # The training feed reads batch k+1 in a background thread while batch k trains (token grids
+        # only: a batch of pooled rows is an index into memory, nothing to overlap).
+        self.read_ahead = kind == "tokens"
+        self.pin_memory = device.type == "cuda"
+        self._host = [None, None]  # alternating host buffers for token grids
+        self._float = [None, None]  # and, on a CPU, for their float32 cast (``batch(reuse=True)``)
+        self._copied = [None, None]  # CUDA events: each buffer's last copy to the device is done
+        self._slot = 0
+        self._cache_chosen = False
 
     def __len__(self) -> int:
         return len(self.features)
@@ -32,12 +49,53 @@ class FeatureInput:
     def set_epoch(self, epoch: int) -> None:
         """Inputs that change with the epoch (augmented views) override this."""
 
-    def batch(self, index: np.ndarray) -> torch.Tensor:
+    def use_token_cache(self, mode: str) -> None:
+        """Hold the split's token grids in RAM or stream them from the file, as ``mode`` (``auto |
+        memory | disk``, :func:`choose_token_cache`) says; the first call decides and prints why."""
+        if self.kind != "tokens" or self._cache_chosen or not isinstance(self.features, SplitFeatures):
+            return
+        self._cache_chosen = True
+        name = self.features.path.name
+        if self.features.tokens_in_memory:
+            print(f"token grids of {name}: in memory (loaded when opened)")
+            return
+        memory, why = choose_token_cache(mode, self.features.token_bytes, available_memory())
+        if memory:
+            self.features.load_tokens()
+        print(f"token grids of {name}: {'in memory' if memory else 'read from disk'}, {why}")
+
+    def batch(self, index: np.ndarray, reuse: bool = False) -> torch.Tensor:
+        """The head's input for rows ``index`` as float32 on ``self.device``. With ``reuse``, token grids
+        on a CPU are cast into one of two alternating buffers (no new 40 MB allocation a batch): the
+        tensor returned is overwritten two calls later, so the caller holds at most the batch training
+        and the one read ahead (the training feed)."""
         if self._pooled is not None:
             x = self._pooled[torch.from_numpy(np.asarray(index, dtype=np.int64))]
-        else:
-            x = torch.from_numpy(self.features.tokens(np.asarray(index)))
-        return x.to(self.device, non_blocking=True)
+            return x.to(self.device, non_blocking=True)
+        index = np.asarray(index, dtype=np.int64)
+        if not isinstance(self.features, SplitFeatures):  # grids already in memory as float32 arrays (tests)
+            return torch.from_numpy(self.features.tokens(index)).to(self.device, non_blocking=True)
+        slot = self._slot
+        self._slot = 1 - slot
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()
+        host = self._host[slot]
+        if host is None or len(host) < len(index):
+            shape = (len(index),) + tuple(self.features.token_shape)
+            dtype = torch.from_numpy(np.empty(0, dtype=self.features.token_dtype)).dtype
+            host = self._host[slot] = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+        rows = torch.from_numpy(self.features.token_rows(index, host.numpy()))
+        if reuse and self.device.type == "cpu":
+            out = self._float[slot]
+            if out is None or len(out) < len(index):
+                out = self._float[slot] = torch.empty(host.shape, dtype=torch.float32)
+            return out[:len(index)].copy_(rows)
+        x = rows.to(self.device, non_blocking=self.pin_memory)  # on a CPU: `rows` itself
+        if self.pin_memory:
+            self._copied[slot] = torch.cuda.Event()
+            self._copied[slot].record()
+        # The cast on the device; a float32 cache's rows still in the host buffer are copied off it.
+        return x.to(torch.float32, copy=x.data_ptr() == rows.data_ptr())
 
 
 @torch.inference_mode()
@@ -74,6 +132,6 @@ class ViewInput(FeatureInput):
     def set_epoch(self, epoch: int) -> None:
         self._choice = np.random.default_rng([self.seed, epoch, 7]).integers(0, self.views, self.count)
 
-    def batch(self, index: np.ndarray) -> torch.Tensor:
+    def batch(self, index: np.ndarray, reuse: bool = False) -> torch.Tensor:
         index = np.asarray(index, dtype=np.int64)
-        return super().batch(index * self.views + self._choice[index])
+        return super().batch(index * self.views + self._choice[index], reuse)

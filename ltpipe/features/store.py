@@ -46,6 +46,7 @@ from ltpipe.features.checksums import (
     damaged,
     row_checksums,
 )
+from ltpipe.features.token_reader import TokenRows
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 # Token rows verified at a time by `verify_file` (a bounded buffer, however large the split).
@@ -231,11 +232,12 @@ class SplitFeatures:
     """A split's cached features: pooled features held in memory (float32), token
     grids read from the file on demand.
 
-    Token reads index the contiguous dataset with sorted, unique rows through one
-    read-only handle: measured in ``bench/features.py`` (256 grids of 50x768 from a
-    cache not in the page cache), 32 ms a batch, against 441 ms through a memory map
-    (page faults read a row in many small pieces) and 87 ms row by row. Nothing holds
-    a whole split in RAM unless ``load_tokens=True``.
+    Token reads go by file offset (:class:`~ltpipe.features.token_reader.TokenRows`): a sorted
+    batch's runs of consecutive rows, one ``preadv`` each, into a reused buffer in the file's
+    dtype (``bench/tokens.py``: within a small factor of plain ``preadv``, ~10x faster than
+    h5py's fancy indexing; a memory map is slower still, its page faults read a row in many
+    small pieces, ``bench/features.py``). Nothing holds a whole split in RAM unless
+    ``load_tokens=True`` or :meth:`load_tokens` is called.
 
     Every dataset loaded is checked against its checksum; a token row the first time
     this object reads it (``load_tokens=True``: all rows at once).
@@ -253,20 +255,46 @@ class SplitFeatures:
                 self.skipped_paths = _strings(checked.read("skipped_paths")) if "skipped_paths" in fh else []
                 self.has_tokens = "tokens" in fh
                 self.token_shape = tuple(fh["tokens"].shape[1:]) if self.has_tokens else None
+                self.token_dtype = fh["tokens"].dtype if self.has_tokens else None
                 self._row_sums = checked.row_sums("tokens") if self.has_tokens else None
                 self._loaded = None
                 if self.has_tokens and load_tokens:
-                    self._loaded = fh["tokens"][()]
-                    if self._row_sums is not None:
-                        check_rows(self.path, "tokens", self._loaded, np.arange(len(self._loaded)),
-                                   self._row_sums, self.paths)
+                    self._load_tokens(fh)
             except HDF5_READ_ERRORS as exc:
                 raise damaged(self.path, "its HDF5 structure", f"cannot be read ({exc})") from None
         self._verified = np.zeros(len(self.pooled), dtype=bool) if self._row_sums is not None else None
-        self._handle: Optional[h5py.File] = None
+        self._rows: Optional[TokenRows] = None
+        self._buffer: Optional[np.ndarray] = None  # reused by `tokens`
 
     def __len__(self) -> int:
         return len(self.pooled)
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of all token grids (0 without tokens)."""
+        if not self.has_tokens:
+            return 0
+        return len(self) * int(np.prod(self.token_shape, dtype=np.int64)) * self.token_dtype.itemsize
+
+    @property
+    def tokens_in_memory(self) -> bool:
+        return self._loaded is not None
+
+    def load_tokens(self) -> None:
+        """Hold every token grid in RAM from now on, each row checked against its checksum at once."""
+        if not self.has_tokens or self._loaded is not None:
+            return
+        with open_read(self.path) as fh:
+            try:
+                self._load_tokens(fh)
+            except HDF5_READ_ERRORS as exc:
+                raise damaged(self.path, "its HDF5 structure", f"cannot be read ({exc})") from None
+
+    def _load_tokens(self, fh: h5py.File) -> None:
+        loaded = fh["tokens"][()]
+        if self._row_sums is not None:
+            check_rows(self.path, "tokens", loaded, np.arange(len(loaded)), self._row_sums, self.paths)
+        self._loaded = loaded
 
     @staticmethod
     def read_labels(path: Path) -> np.ndarray:
@@ -274,26 +302,44 @@ class SplitFeatures:
         with open_read(Path(path)) as fh:
             return CheckedFile(fh, path).read("labels")
 
-    def tokens(self, index: np.ndarray) -> np.ndarray:
-        """Token grids of rows ``index`` as float32, in the order asked (repeats allowed)."""
+    def token_buffer(self, rows: int) -> np.ndarray:
+        """An uninitialised array for ``rows`` token grids in the file's dtype (for :meth:`token_rows`)."""
+        return np.empty((rows,) + tuple(self.token_shape), dtype=self.token_dtype)
+
+    def token_rows(self, index: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Token grids of rows ``index`` in the file's dtype, in the order asked (repeats allowed),
+        written into ``out[:len(index)]`` (a reused buffer, see :meth:`token_buffer`; a new array
+        when None), which is returned."""
         if not self.has_tokens:
             raise DataError(f"{self.path} has no token grids. Set `extract.tokens: true` and re-run extraction.")
         index = np.asarray(index, dtype=np.int64)
-        unique, inverse = np.unique(index, return_inverse=True)
+        out = (self.token_buffer(len(index)) if out is None else out)[:len(index)]
+        if len(index) == 0:
+            return out
+        if index.min() < 0 or index.max() >= len(self):
+            raise IndexError(f"token rows {index.min()}..{index.max()} asked of {self.path}, which has {len(self)}")
         if self._loaded is not None:
-            rows = self._loaded[unique]
+            return np.take(self._loaded, index, axis=0, out=out, mode="clip")  # bounds checked above
+        if self._rows is None:
+            self._rows = TokenRows(self.path)
+        inverse = None
+        if len(index) == 1 or bool(np.all(index[1:] > index[:-1])):  # sorted, unique: the training feed's batches
+            unique, rows = index, self._rows.read(index, out)
         else:
-            if self._handle is None:
-                self._handle = h5py.File(self.path, "r")
-            try:
-                rows = self._handle["tokens"][unique]
-            except HDF5_READ_ERRORS as exc:
-                raise damaged(self.path, "dataset `tokens`", f"cannot be read ({exc})") from None
-            if self._verified is not None:
-                self._check_new_rows(unique, rows)
-        if len(unique) != len(index) or not np.array_equal(unique, index):
-            rows = rows[inverse]  # only when asked out of order or with repeats
-        return rows.astype(np.float32)
+            unique, inverse = np.unique(index, return_inverse=True)
+            rows = self._rows.read(unique, self.token_buffer(len(unique)))
+        if self._verified is not None:
+            self._check_new_rows(unique, rows)
+        if inverse is not None:
+            np.take(rows, inverse, axis=0, out=out, mode="clip")
+        return out
+
+    def tokens(self, index: np.ndarray) -> np.ndarray:
+        """Token grids of rows ``index`` as a new float32 array, in the order asked (repeats allowed)."""
+        index = np.asarray(index, dtype=np.int64)
+        if self._buffer is None or len(self._buffer) < len(index):
+            self._buffer = self.token_buffer(len(index)) if self.has_tokens else None
+        return self.token_rows(index, self._buffer).astype(np.float32)
 
     def _check_new_rows(self, unique: np.ndarray, rows: np.ndarray) -> None:
         new = np.flatnonzero(~self._verified[unique])
@@ -306,9 +352,9 @@ class SplitFeatures:
         self._verified[unique[new]] = True
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._rows is not None:
+            self._rows.close()
+            self._rows = None
 
 
 def _strings(values: np.ndarray) -> list:

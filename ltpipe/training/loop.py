@@ -6,6 +6,7 @@ accuracy, or mAP for multi-label); the test split is never looked at here.
 """
 
 import copy
+import functools
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ltpipe.evaluation import metrics
 from ltpipe.evaluation.inference import FeatureInput, ViewInput, predict
 from ltpipe.evaluation.results import check_features, check_posthoc, check_task
 from ltpipe.features.store import SplitFeatures, TextFeatures
+from ltpipe.features.token_reader import read_ahead
 from ltpipe.training import checkpoint, stage2
 from ltpipe.training.samplers import SAMPLERS, class_members
 from ltpipe.training.spec import RunSpec, TrainConfig, read_run_spec
@@ -109,12 +111,16 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     last_order = []
 
     def feed(epoch: int, first: int, end: int):
+        train_data.use_token_cache(cfg.token_cache)
         train_data.set_epoch(epoch)
         order = sampler(members, len(train_data), seed, epoch)
         last_order[:] = [order]
-        for batch in batches_of(order, cfg.batch_size, first, end):
-            index = np.sort(batch)  # a batch is a set (the loss is its mean); sorted rows read the cache forwards
-            yield [(train_data.batch(index), target[torch.from_numpy(index)], 1.0, True)]
+        # A batch is a set (the loss is its mean); sorted rows read the cache forwards. The sampler has
+        # decided every batch before any is read: reading ahead changes when rows are read, not which.
+        indexes = [np.sort(batch) for batch in batches_of(order, cfg.batch_size, first, end)]
+        load = functools.partial(train_data.batch, reuse=True)  # one batch training, one read ahead: two buffers
+        for index, x in read_ahead(load, indexes, enabled=train_data.read_ahead):
+            yield [(x, target[torch.from_numpy(index)], 1.0, True)]
 
     history = []
     bar = progress_bar(plan.epochs, desc)

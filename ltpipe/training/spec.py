@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 from ltpipe import heads, losses
 from ltpipe.core.config import Params
 from ltpipe.core.options import option, parse
+from ltpipe.features.token_reader import TOKEN_CACHES
 from ltpipe.training import stage2
 from ltpipe.training.samplers import SAMPLERS
 
@@ -30,6 +31,9 @@ class TrainConfig:
     warmup_epochs: float = option(1.0, minimum=0)
     momentum: float = option(0.9, minimum=0, maximum=1, doc="sgd only")
     iterations: Optional[int] = option(None, minimum=1, doc="optimiser steps; when set, replaces epochs")
+    token_cache: str = option("auto", choices=TOKEN_CACHES,
+                              doc="token grids of the training split: memory, disk (read a batch ahead), or auto: "
+                                  "memory when they take at most half of MemAvailable")
     key: str = field(default="train", metadata={"param": False})  # the section read, for messages
 
     @classmethod

@@ -1,0 +1,293 @@
+"""Benchmark: reading cached token grids (issue 17).
+
+Builds temporary cache files (the extract stage's writer) of ``--rows`` grids of 50x768 and
+``--large-rows`` grids of 197x768 (float16: ViT-B/32 and ViT-B/16 at 224 px), then, side by side
+in one run on the same rows:
+
+1. A random batch of 256 sorted rows, page-cached ("warm") and with the file's pages dropped
+   before every draw ("cold": ``posix_fadvise(DONTNEED)``, a cache larger than memory):
+   the path before issue 17 (h5py fancy indexing, then float32 on the CPU), the reader
+   (``SplitFeatures.token_rows`` into a reused float16 buffer, rows already verified as in any
+   epoch after the first), the reader with the float32 cast the training feed does on a CPU
+   (``FeatureInput.batch(reuse=True)``), and plain ``os.preadv`` of each row into a
+   preallocated float16 buffer.
+   Goal: reader <= 2x preadv.
+2. A sequential pass over the split (what prediction and stage 2's representations read: slices
+   of 1024 rows) through a fresh reader, which checks every row's CRC-32 on this first read, and
+   through one whose rows are verified, against a raw sequential read of the same bytes in the
+   same slices. Goal: >= 0.5x of the raw bandwidth.
+3. Training steps on the 50x768 file, fed as the training loop feeds them (``FeatureInput.batch``
+   into reused buffers, the next batch read ahead in a thread), from disk and from memory, against
+   the same steps on batches already in memory as float32 tensors: a small CPRFL head (dim 16,
+   compute per step comparable to a batch's read here) and a depth-0 decoder (almost no compute),
+   torch on one thread. Goal: disk <= 1.1x in memory (the read hidden).
+
+Run: .venv/bin/python bench/tokens.py   (about a minute on 2 cores; ~760 MB in a temporary directory)
+     Add --record to write the figures to docs/results.md.
+"""
+
+import argparse
+import functools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from ltpipe.evaluation.inference import FeatureInput
+from ltpipe.features.store import SplitFeatures, SplitWriter
+from ltpipe.features.token_reader import read_ahead
+
+try:  # `python bench/<name>.py` puts bench/ on sys.path, `python -m bench.<name>` the repository
+    import results
+except ImportError:
+    from bench import results
+
+BATCH = 256
+SLICE = 1024  # rows per read of a sequential pass (predict's batch)
+
+
+def build(path: Path, rows: int, shape: tuple) -> Path:
+    rng = np.random.default_rng(0)
+    writer = SplitWriter(path, 8, shape, np.zeros(rows, dtype=np.int64), [f"{i}.png" for i in range(rows)],
+                         "float16", {})
+    for start in range(0, rows, 256):
+        stop = min(start + 256, rows)
+        writer.write(start, np.zeros((stop - start, 8)),
+                     rng.standard_normal((stop - start,) + shape, dtype=np.float32).astype(np.float16))
+    writer.commit()
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # clean pages: DONTNEED can then drop them
+    os.close(fd)
+    return path
+
+
+def drop(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+def layout(path: Path):
+    with h5py.File(path, "r") as fh:
+        tokens = fh["tokens"]
+        assert tokens.chunks is None and tokens.compression is None
+        return tokens.id.get_offset(), int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize
+
+
+def random_batches(path: Path, draws: int, cold: bool) -> dict:
+    """Median milliseconds of each way to read the same ``draws`` random sorted batches."""
+    rows = SplitFeatures.read_labels(path).shape[0]
+    rng = np.random.default_rng(1)
+    batches = [np.sort(rng.choice(rows, BATCH, replace=False)) for _ in range(draws)]
+    offset, row_bytes = layout(path)
+    fh = h5py.File(path, "r")
+    features = SplitFeatures(path)
+    features.token_rows(np.arange(rows))  # verified, as in every epoch after the first
+    buffer = features.token_buffer(BATCH)
+    data = FeatureInput(SplitFeatures(path), "tokens", torch.device("cpu"))
+    data.features.token_rows(np.arange(rows))
+    fd = os.open(path, os.O_RDONLY)
+    plain = features.token_buffer(BATCH)
+
+    def preadv(index):
+        for i, row in enumerate(index.tolist()):
+            os.preadv(fd, [plain[i]], offset + row * row_bytes)
+
+    ways = {"old": lambda index: fh["tokens"][index].astype(np.float32),
+            "reader": lambda index: features.token_rows(index, buffer),
+            "reader_fp32": lambda index: data.batch(index, reuse=True),
+            "preadv": preadv}
+    times = {name: [] for name in ways}
+    for index in batches:
+        for name, way in ways.items():  # interleaved: machine noise falls on every way alike
+            if cold:
+                drop(path)
+            start = time.perf_counter()
+            way(index)
+            times[name].append(time.perf_counter() - start)
+    os.close(fd)
+    fh.close()
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
+def sequential(path: Path, cold: bool, repeats: int = 3) -> dict:
+    """Best GB/s of a sequential pass: fresh reader (CRC-32 checked), verified reader, raw read."""
+    rows = SplitFeatures.read_labels(path).shape[0]
+    offset, row_bytes = layout(path)
+    total = rows * row_bytes
+    best = {"fresh": 0.0, "verified": 0.0, "raw": 0.0}
+    verified = SplitFeatures(path)
+    buffer = verified.token_buffer(SLICE)
+    verified.token_rows(np.arange(rows))
+    raw = memoryview(buffer.reshape(-1).view(np.uint8))
+    for _ in range(repeats):
+        for name in best:
+            if cold:
+                drop(path)
+            start = time.perf_counter()
+            if name == "raw":
+                fd = os.open(path, os.O_RDONLY)
+                for first in range(0, rows, SLICE):
+                    count = min(SLICE, rows - first) * row_bytes
+                    done = 0
+                    while done < count:
+                        done += os.preadv(fd, [raw[done:count]], offset + first * row_bytes + done)
+                os.close(fd)
+            else:
+                features = SplitFeatures(path) if name == "fresh" else verified
+                for first in range(0, rows, SLICE):
+                    features.token_rows(np.arange(first, min(first + SLICE, rows)), buffer)
+            best[name] = max(best[name], total / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def step_times(path: Path, draws: int) -> dict:
+    """Median milliseconds per training step of a small CPRFL head (compute per step comparable to a
+    batch's read on 2 cores) and of a depth-0 decoder (almost no compute: the read shows), fed as the
+    training loop feeds them, against the same steps on batches already in memory as float32."""
+    from ltpipe.heads.cprfl import CPRFLHead
+    from ltpipe.heads.decoder import DecoderHead
+
+    rows = SplitFeatures.read_labels(path).shape[0]
+    rng = np.random.default_rng(2)
+    batches = [np.sort(rng.choice(rows, BATCH, replace=False)) for _ in range(draws)]
+    labels = torch.from_numpy(rng.integers(0, 100, BATCH))
+    cpu = torch.device("cpu")
+    disk = FeatureInput(SplitFeatures(path), "tokens", cpu)
+    disk.features.token_rows(np.arange(rows))  # rows verified: an epoch after the first
+    memory = FeatureInput(SplitFeatures(path, load_tokens=True), "tokens", cpu)
+    ready = [memory.batch(index) for index in batches]
+    feeds = {"ready": lambda: iter(ready), "memory": cached_feed(memory, batches, True),
+             "disk": cached_feed(disk, batches, True), "disk_inline": cached_feed(disk, batches, False)}
+    made = {"CPRFL (dim 16)": lambda: CPRFLHead(768, 512, 100, 16, 2, 8, 16, 0.0, 0.5, 256, 0.0),
+            "decoder (depth 0)": lambda: DecoderHead(768, 100, 0, 4, 0.5, False)}
+    times = {}
+    # One intra-op thread: the reader's thread has the other core, as the host has while a GPU computes.
+    # With two, on this 2-vCPU machine a CPRFL step took 250-430 ms instead of ~55 ms whenever no other
+    # thread kept the cores busy (torch's workers waking from idle), which no read can be compared to.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name, make in made.items():
+        torch.manual_seed(0)
+        model = make()
+        optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
+        timed_pass(model, optimizer, labels, feeds["ready"], len(batches))  # warm-up: allocator, kernels
+        figures = {way: [] for way in list(feeds) + ["disk_cold"]}
+        for _ in range(3):
+            for way, feed in feeds.items():
+                figures[way].append(timed_pass(model, optimizer, labels, feed, len(batches)))
+            drop(path)
+            figures["disk_cold"].append(timed_pass(model, optimizer, labels, feeds["disk"], len(batches)))
+        times[name] = {way: statistics.median(values) for way, values in figures.items()}
+    torch.set_num_threads(threads)
+    return times
+
+
+def cached_feed(data: FeatureInput, batches: list, ahead: bool):
+    """The training loop's feed: rows read into reused buffers, the next batch read ahead or not."""
+    def feed():
+        load = functools.partial(data.batch, reuse=True)
+        return (x for _, x in read_ahead(load, batches, enabled=ahead))
+    return feed
+
+
+def timed_pass(model, optimizer, labels, feed, steps: int) -> float:
+    """Milliseconds per step of a pass over ``feed``."""
+    start = time.perf_counter()
+    for x in feed():
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=4000, help="grids of 50x768")
+    parser.add_argument("--large-rows", type=int, default=1500, help="grids of 197x768")
+    parser.add_argument("--draws", type=int, default=15, help="random batches per way, warm and cold each")
+    parser.add_argument("--steps", type=int, default=12, help="training steps per timed pass (50x768 only)")
+    parser.add_argument("--record", action="store_true", help="write the figures to docs/results.md")
+    args = parser.parse_args(argv)
+    columns = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rows, shape in [(args.rows, (50, 768)), (args.large_rows, (197, 768))]:
+            name = f"{shape[0]}x{shape[1]}"
+            path = build(Path(tmp) / f"{name}.h5", rows, shape)
+            column = {"size": f"{rows} rows, {rows * np.prod(shape) * 2 / 1e6:.0f} MB"}
+            for temperature in ("warm", "cold"):
+                column[temperature] = random_batches(path, args.draws, temperature == "cold")
+                column[f"seq_{temperature}"] = sequential(path, temperature == "cold")
+            if shape == (50, 768):
+                steps = step_times(path, args.steps)
+            columns[name] = column
+            path.unlink()
+            print(f"{name} done", flush=True)
+    rows = table(columns) + step_table(steps, len(columns))
+    width = max(len(row[0]) for row in rows)
+    header = ("what",) + tuple(columns)
+    for row in [header] + rows:
+        print(f"{row[0]:<{width}}  " + "  ".join(f"{cell:>22}" for cell in row[1:]))
+    if args.record:
+        results.record(results.section_key(__file__), "python bench/tokens.py", rows, header=header,
+                       note=f"Batches of {BATCH} sorted random rows, median of {args.draws} draws; sequential "
+                            f"passes in slices of {SLICE} rows, best of 3; training steps: median of 3 passes "
+                            f"of {args.steps} steps, torch on 1 thread.")
+
+
+def table(columns: dict) -> list:
+    """Rows of the figures: one column per grid shape."""
+    def row(label, cell):
+        return [label] + [cell(column) for column in columns.values()]
+
+    rows = [row("cache file", lambda c: c["size"])]
+    for t in ("warm", "cold"):
+        rows += [
+            row(f"random batch, {t}: before issue 17 (h5py fancy index + float32)",
+                lambda c, t=t: f"{c[t]['old']:.1f} ms"),
+            row(f"random batch, {t}: reader (float16, reused buffer)", lambda c, t=t: f"{c[t]['reader']:.1f} ms"),
+            row(f"random batch, {t}: reader + float32 cast (training feed on a CPU)",
+                lambda c, t=t: f"{c[t]['reader_fp32']:.1f} ms"),
+            row(f"random batch, {t}: plain os.preadv per row (float16)", lambda c, t=t: f"{c[t]['preadv']:.1f} ms"),
+            row(f"random batch, {t}: reader / preadv (goal <= 2)",
+                lambda c, t=t: f"{c[t]['reader'] / c[t]['preadv']:.2f}x"),
+            row(f"random batch, {t}: before / reader", lambda c, t=t: f"{c[t]['old'] / c[t]['reader']:.1f}x"),
+        ]
+    for t in ("warm", "cold"):
+        k = f"seq_{t}"
+        rows += [
+            row(f"sequential pass, {t}: reader, first read (CRC-32 checked)",
+                lambda c, k=k: f"{c[k]['fresh']:.2f} GB/s"),
+            row(f"sequential pass, {t}: reader, rows verified", lambda c, k=k: f"{c[k]['verified']:.2f} GB/s"),
+            row(f"sequential pass, {t}: raw preadv of the same bytes", lambda c, k=k: f"{c[k]['raw']:.2f} GB/s"),
+            row(f"sequential pass, {t}: reader / raw, first read; verified (goal >= 0.5)",
+                lambda c, k=k: f"{c[k]['fresh'] / c[k]['raw']:.2f}x; {c[k]['verified'] / c[k]['raw']:.2f}x"),
+        ]
+    return rows
+
+
+def step_table(times: dict, width: int) -> list:
+    """Rows of the step times (50x768 only: the other columns are left empty)."""
+    pad = [""] * (width - 1)
+    rows = []
+    labels = {"ready": "batches already in memory (float32 tensors)",
+              "memory": "`token_cache: memory`, read ahead",
+              "disk": "`token_cache: disk`, read ahead, warm",
+              "disk_inline": "`token_cache: disk`, read in the step, warm",
+              "disk_cold": "`token_cache: disk`, read ahead, cold"}
+    for name, figures in times.items():
+        for way, label in labels.items():
+            rows.append([f"training step, {name}: {label}", f"{figures[way]:.1f} ms"] + pad)
+        ratios = f"{figures['disk'] / figures['ready']:.2f}x; {figures['disk_cold'] / figures['ready']:.2f}x"
+        rows.append([f"training step, {name}: disk read ahead (warm; cold) / in memory (goal <= 1.1)", ratios] + pad)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
