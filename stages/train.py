@@ -1,7 +1,5 @@
 """DVC stage `train`: see ltpipe.training.loop.run_stage; per-epoch logs go to dvclive."""
 
-from dvclive import Live
-
 from ltpipe.core.config import Params
 from ltpipe.core.errors import main_guard
 from ltpipe.core.paths import TRAIN_LOG_DIR
@@ -10,6 +8,9 @@ from ltpipe.training.loop import run_stage
 
 @main_guard
 def main() -> None:
+    # Imported when the stage runs, not when the module is imported: dvclive pulls in dvc and pandas (~0.4 s).
+    from dvclive import Live
+
     params = Params.load()
     # dvcyaml=None: the pipeline's dvc.yaml declares the plots; dvclive must not edit it mid-stage.
     with Live(dir=str(TRAIN_LOG_DIR), dvcyaml=None, save_dvc_exp=False, report=None) as live:

@@ -60,7 +60,8 @@ REALDATA_FILES = {"tests/test_shared_data.py"}  # read ../shared; they skip with
 # scaler, and multi-process DistributedDataParallel (gloo here, NCCL on GPUs).
 GPU_PATH_TESTS = {"tests/test_finetune.py::test_reduced_precision_paths_train",
                   "tests/test_finetune.py::test_two_gloo_processes_take_the_same_step_as_one",
-                  "tests/test_extract_resume.py::test_torchrun_two_processes_match_one"}
+                  "tests/test_extract_resume.py::test_torchrun_two_processes_match_one",
+                  "tests/test_gpu_bench.py::test_gpu_bench_runs_without_pandas_scipy_sklearn_faiss_or_dvc"}
 
 
 def pytest_collection_modifyitems(config, items):

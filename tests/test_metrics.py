@@ -120,3 +120,19 @@ def test_confusion_rows_name_classes_and_stay_empty_when_unreadable():
     assert rows.to_dict("list") == {"actual": ["dog", "dog"], "predicted": ["dog", "cat"]}
     assert confusion_rows(np.zeros((1, 101)), np.array([0]), [str(i) for i in range(101)], False).empty
     assert confusion_rows(np.zeros((1, 2)), np.array([[1, 0]]), ["a", "b"], True).empty
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+@pytest.mark.parametrize("seed", range(20))
+def test_balanced_accuracy_is_sklearns_to_the_bit(seed):
+    """Training's selection score is computed without scikit-learn (bench/gpu.py runs without it): it must be
+    scikit-learn's number bit for bit, or recorded metrics and model selection would move."""
+    rng = np.random.default_rng(seed)
+    num_classes = int(rng.integers(2, 300))
+    labels = rng.integers(0, num_classes, int(rng.integers(1, 3000)))
+    # Some predictions right, some wrong, some naming classes absent from the labels.
+    pred = np.where(rng.random(len(labels)) < 0.6, labels, rng.integers(0, num_classes + 3, len(labels)))
+    expected = balanced_accuracy_score(labels, pred)
+    assert metrics.balanced_accuracy(labels, pred) == expected
+    assert metrics.selection_score(np.eye(num_classes + 3)[pred], labels, multilabel=False) == expected
+

@@ -19,10 +19,9 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
-import pandas as pd
 
 from ltpipe.core.errors import DataError
 from ltpipe.data.checks import (
@@ -38,6 +37,11 @@ from ltpipe.data.formats import Entry, check_distinct_prompts, curated_prompts, 
 from ltpipe.data.scan import scan
 from ltpipe.data.source import SPLITS, DatasetSource, PrepareOptions
 from ltpipe.data.validation_split import carve_report, carve_validation
+
+# pandas is imported where tables are built or read: every stage imports this module (for the group names), and
+# training on a feature cache must not pay for pandas nor need it (bench/gpu.py runs without it).
+if TYPE_CHECKING:
+    import pandas as pd
 
 SINGLE_GROUPS = ("many", "medium", "few")
 MULTI_GROUPS = ("head", "medium", "tail")
@@ -56,8 +60,8 @@ class Prepared:
     name: str
     multilabel: bool
     root: Path
-    manifest: pd.DataFrame
-    classes: pd.DataFrame
+    manifest: "pd.DataFrame"
+    classes: "pd.DataFrame"
     report: dict = field(default_factory=dict)
     hash_stats: Optional[HashStats] = None  # what hashing cost this run (not saved: it varies by machine)
 
@@ -69,7 +73,7 @@ class Prepared:
     def task(self) -> str:
         return "multi" if self.multilabel else "single"
 
-    def split(self, split: str) -> pd.DataFrame:
+    def split(self, split: str) -> "pd.DataFrame":
         return self.manifest[self.manifest["split"] == split].reset_index(drop=True)
 
     def content_hashes(self, split: str) -> Optional[List[str]]:
@@ -145,8 +149,10 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
 
 
 def _manifest_table(entries: Dict[str, List[Entry]], source: DatasetSource, check_files: bool,
-                    hash_cache: Optional[Path]) -> Tuple[pd.DataFrame, Optional[HashStats]]:
+                    hash_cache: Optional[Path]) -> Tuple["pd.DataFrame", Optional[HashStats]]:
     """One row per listed image, split by split, with its content hash (``""`` without ``check_files``)."""
+    import pandas as pd
+
     rows = [(split, rel, " ".join(str(x) for x in labels)) for split in SPLITS for rel, labels in entries[split]]
     hashes, hash_stats = [""] * len(rows), None
     if check_files:
@@ -157,7 +163,9 @@ def _manifest_table(entries: Dict[str, List[Entry]], source: DatasetSource, chec
 
 
 def _class_table(classes: Tuple[List[str], List[str], List[str]], counts: np.ndarray, list_counts: np.ndarray,
-                 multilabel: bool) -> pd.DataFrame:
+                 multilabel: bool) -> "pd.DataFrame":
+    import pandas as pd
+
     ids, names, prompts = classes
     return pd.DataFrame({
         "index": np.arange(len(names)),
@@ -244,6 +252,8 @@ def save(prepared: Prepared, out_dir: Path) -> None:
 
 
 def load(prepared_dir: Path) -> Prepared:
+    import pandas as pd
+
     prepared_dir = Path(prepared_dir)
     meta_path = prepared_dir / "dataset.json"
     if not meta_path.is_file():

@@ -12,14 +12,17 @@ The group keys of multi-label metrics carry an ``mAP_`` prefix so they never
 collide with the run's ``head`` name in the same JSON file.
 """
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Sequence, Tuple
 
 import numpy as np
-import pandas as pd
-from scipy.special import log_softmax
-from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score
 
 from ltpipe.data.manifest import MULTI_GROUPS, SINGLE_GROUPS
+
+# pandas, scipy and scikit-learn are imported inside the functions that use them: together they cost about a
+# second of every stage's start-up, and single-label training (which needs only `selection_score` and
+# `chance_score`) must run on a machine without them (bench/gpu.py).
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def _mean_or_none(values: np.ndarray) -> Optional[float]:
@@ -29,16 +32,30 @@ def _mean_or_none(values: np.ndarray) -> Optional[float]:
 
 def per_class_accuracy(labels: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Recall of each class; NaN for a class absent from ``labels``."""
+    labels, pred = np.asarray(labels, dtype=np.int64), np.asarray(pred)
+    # Counts, not one mask per class: training scores every epoch, and iNat has 8,142 classes.
+    total = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    correct = np.bincount(labels[pred == labels], minlength=num_classes).astype(np.float64)
     acc = np.full(num_classes, np.nan)
-    for c in np.unique(labels):
-        mask = labels == c
-        acc[c] = float((pred[mask] == c).mean())
+    present = total > 0
+    acc[present] = correct[present] / total[present]  # the same quotient as a mask's mean: count / n
     return acc
 
 
-def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> pd.DataFrame:
+def balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
+    """The mean of :func:`per_class_accuracy` over the classes present in ``labels``: scikit-learn's
+    ``balanced_accuracy_score`` to the last bit (the same per-class quotients, averaged in class order)."""
+    labels = np.asarray(labels)
+    pred = np.asarray(pred)
+    num_classes = int(max(labels.max(), pred.max())) + 1
+    return _mean_or_none(per_class_accuracy(labels, pred, num_classes))
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> "pd.DataFrame":
     """The reliability diagram's table: per equal-width confidence bin ``(lo, hi]`` with any
     prediction, the mean confidence, the accuracy and the count."""
+    import pandas as pd
+
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -58,9 +75,11 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
     return float((table["count"] * (table["accuracy"] - table["confidence"]).abs()).sum() / len(labels))
 
 
-def reliability_table(logits: np.ndarray, labels: np.ndarray, multilabel: bool, bins: int = 15) -> pd.DataFrame:
+def reliability_table(logits: np.ndarray, labels: np.ndarray, multilabel: bool, bins: int = 15) -> "pd.DataFrame":
     """Single-label: top-1 softmax confidence against top-1 correctness. Multi-label: every
     (image, class) sigmoid probability against whether the class is present."""
+    from scipy.special import log_softmax
+
     logits = np.asarray(logits, dtype=np.float64)
     if multilabel:
         return reliability((1.0 / (1.0 + np.exp(-logits))).ravel(), np.asarray(labels).astype(bool).ravel(), bins)
@@ -71,10 +90,12 @@ def reliability_table(logits: np.ndarray, labels: np.ndarray, multilabel: bool, 
 CONFUSION_MAX_CLASSES = 100
 
 
-def confusion_rows(logits: np.ndarray, labels: np.ndarray, names: Sequence[str], multilabel: bool) -> pd.DataFrame:
+def confusion_rows(logits: np.ndarray, labels: np.ndarray, names: Sequence[str], multilabel: bool) -> "pd.DataFrame":
     """``actual, predicted`` class names per test image, for DVC's confusion template; empty
     (header only) for multi-label tasks and above :data:`CONFUSION_MAX_CLASSES` classes, where
     a confusion matrix is unreadable."""
+    import pandas as pd
+
     if multilabel or len(names) > CONFUSION_MAX_CLASSES:
         return pd.DataFrame(columns=["actual", "predicted"])
     names = np.asarray(names, dtype=object)
@@ -83,6 +104,9 @@ def confusion_rows(logits: np.ndarray, labels: np.ndarray, names: Sequence[str],
 
 def single_label(logits: np.ndarray, labels: np.ndarray, groups: Sequence[str]) -> Tuple[Dict, np.ndarray]:
     """Metrics and per-class accuracy from logits ``[N, C]`` and labels ``[N]``."""
+    from scipy.special import log_softmax
+    from sklearn.metrics import f1_score
+
     logits = np.asarray(logits, dtype=np.float64)
     num_classes = logits.shape[1]
     pred = logits.argmax(axis=1)
@@ -94,7 +118,7 @@ def single_label(logits: np.ndarray, labels: np.ndarray, groups: Sequence[str]) 
     result = {
         "top1": float((pred == labels).mean()),
         "top5": float((topk == labels[:, None]).any(axis=1).mean()),
-        "balanced_acc": float(balanced_accuracy_score(labels, pred)),
+        "balanced_acc": balanced_accuracy(labels, pred),
     }
     for group in SINGLE_GROUPS:
         result[group] = _mean_or_none(per_class[groups == group])
@@ -105,6 +129,8 @@ def single_label(logits: np.ndarray, labels: np.ndarray, groups: Sequence[str]) 
 
 
 def per_class_ap(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    from sklearn.metrics import average_precision_score
+
     ap = np.full(scores.shape[1], np.nan)
     for c in range(scores.shape[1]):
         if targets[:, c].any():
@@ -138,11 +164,13 @@ def multi_label(logits: np.ndarray, targets: np.ndarray, groups: Sequence[str],
     return result, ap
 
 
-def evaluate(logits: np.ndarray, labels: np.ndarray, classes: pd.DataFrame, multilabel: bool):
+def evaluate(logits: np.ndarray, labels: np.ndarray, classes: "pd.DataFrame", multilabel: bool):
     """Metrics dict and a per-class table (for `dvc plots`).
 
     The table's ``score`` column is the per-class accuracy (single-label) or average
     precision (multi-label): one column name, so one plot definition serves both."""
+    import pandas as pd
+
     groups = classes["group"].to_numpy()
     if multilabel:
         result, per_class = multi_label(logits, labels, groups)
@@ -161,7 +189,7 @@ def selection_score(logits: np.ndarray, labels: np.ndarray, multilabel: bool) ->
     """Model-selection score on the validation split: balanced accuracy or mAP."""
     if multilabel:
         return float(np.nanmean(per_class_ap(logits, np.asarray(labels).astype(bool))))
-    return float(balanced_accuracy_score(labels, np.asarray(logits).argmax(axis=1)))
+    return balanced_accuracy(labels, np.asarray(logits).argmax(axis=1))
 
 
 def chance_score(labels: np.ndarray, multilabel: bool) -> float:

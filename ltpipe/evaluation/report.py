@@ -9,7 +9,6 @@ import json
 from typing import Dict, List, Sequence
 
 import numpy as np
-import pandas as pd
 
 from ltpipe.core import paths
 from ltpipe.core.config import Params
@@ -124,6 +123,8 @@ def run_report(params: Params) -> Dict:
     paths.SUMMARY.with_suffix(".md").write_text(markdown(summary, keys))
     main, tail = HEADLINE[summary["task"]]
     SWEEP_BEST.write_text(json.dumps(best_of(summary, (main, tail)), indent=2) + "\n")
+    import pandas as pd  # here, not at module level: the sweep stage imports this module for `cell_name` only
+
     pd.DataFrame([{"method": m, "score": row[main]["mean"], "tail_score": row[tail]["mean"],
                    "score_std": row[main]["std"]} for m, row in summary["methods"].items()]).to_csv(
         paths.SUMMARY.with_suffix(".csv"), index=False)

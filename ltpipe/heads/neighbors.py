@@ -13,9 +13,8 @@ first ``forward`` after a ``fit`` or a ``load_state_dict`` and then reused.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
-import faiss
 import numpy as np
 import torch
 from torch import nn
@@ -24,6 +23,9 @@ from torch.nn import functional as F
 from ltpipe.core.errors import DataError
 from ltpipe.core.options import option
 from ltpipe.heads import HeadContext, register
+
+if TYPE_CHECKING:
+    import faiss
 
 EPS = 1e-8  # added to probabilities before the log, so an absent class gets log(1e-8), not -inf
 
@@ -78,13 +80,17 @@ class _IndexedHead(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self._index: Optional[faiss.Index] = None
+        self._index: Optional["faiss.Index"] = None
 
     def _bank(self) -> torch.Tensor:
         raise NotImplementedError
 
     def _search(self, queries: torch.Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
         if self._index is None:
+            # Imported here, not at module level: importing the head registry (every stage that trains) must not
+            # load faiss, which only knn and ncm use and a bare GPU machine does not have.
+            import faiss
+
             bank = _as_numpy(self._bank())
             index = faiss.IndexFlatIP(bank.shape[1])
             index.add(bank)
