@@ -97,7 +97,7 @@ class Params:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"`{self._full(key)}` must be an integer, got {value!r} ({type(value).__name__}).")
-        _check_range(self._full(key), value, minimum, maximum)
+        check_range(self._full(key), value, minimum, maximum)
         return value
 
     def float(self, key: str, minimum: Optional[float] = None, maximum: Optional[float] = None,
@@ -114,9 +114,7 @@ class Params:
         value = float(value)
         if not math.isfinite(value):
             raise ConfigError(f"`{self._full(key)}` must be a finite number, got {value}.")
-        if exclusive_minimum and minimum is not None and value <= minimum:
-            raise ConfigError(f"`{self._full(key)}` must be greater than {minimum}, got {value}.")
-        _check_range(self._full(key), value, minimum, maximum)
+        check_range(self._full(key), value, minimum, maximum, exclusive_minimum)
         return value
 
     def bool(self, key: str, default: Any = _MISSING) -> bool:
@@ -142,7 +140,10 @@ class Params:
         return Params(value, self.source, self._full(key))
 
 
-def _check_range(key: str, value, minimum, maximum) -> None:
+def check_range(key: str, value, minimum, maximum, exclusive_minimum: bool = False) -> None:
+    """Refuse ``value`` of key ``key`` outside ``[minimum, maximum]`` (``(minimum, ...`` if exclusive)."""
+    if exclusive_minimum and minimum is not None and value <= minimum:
+        raise ConfigError(f"`{key}` must be greater than {minimum}, got {value}.")
     if minimum is not None and value < minimum:
         raise ConfigError(f"`{key}` must be at least {minimum}, got {value}.")
     if maximum is not None and value > maximum:

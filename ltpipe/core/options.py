@@ -10,7 +10,7 @@ import dataclasses
 import typing
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ltpipe.core.config import Params
+from ltpipe.core.config import Params, check_range
 from ltpipe.core.errors import ConfigError
 
 
@@ -80,10 +80,7 @@ def parse(options_type: type, section: Optional[Params]) -> Any:
     values = {f.name: section.prefix for f in dataclasses.fields(options_type) if f.metadata.get("param") is False}
     for field in fields:
         value = _read(section, field, hints[field.name])
-        check = field.metadata.get("check")
-        reason = check(value) if check is not None and value is not None else None
-        if reason:
-            raise ConfigError(f"`{section.prefix}.{field.name}` {reason}, got {value}.")
+        _check_extra(f"{section.prefix}.{field.name}", field.metadata, value)
         values[field.name] = value
     return options_type(**values)
 
@@ -97,16 +94,16 @@ def check(options, key: str) -> None:
             if isinstance(value, str) and meta.get("choices") and value not in meta["choices"]:
                 raise ConfigError(f"`{key}.{field.name}` is {value!r}; valid values: {', '.join(meta['choices'])}.")
             continue
-        minimum, maximum = meta.get("minimum"), meta.get("maximum")
-        if minimum is not None and meta.get("exclusive_minimum") and value <= minimum:
-            raise ConfigError(f"`{key}.{field.name}` must be greater than {minimum}, got {value}.")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"`{key}.{field.name}` must be at least {minimum}, got {value}.")
-        if maximum is not None and value > maximum:
-            raise ConfigError(f"`{key}.{field.name}` must be at most {maximum}, got {value}.")
-        reason = meta["check"](value) if meta.get("check") else None
-        if reason:
-            raise ConfigError(f"`{key}.{field.name}` {reason}, got {value}.")
+        check_range(f"{key}.{field.name}", value, meta.get("minimum"), meta.get("maximum"),
+                    meta.get("exclusive_minimum", False))
+        _check_extra(f"{key}.{field.name}", meta, value)
+
+
+def _check_extra(key: str, meta, value) -> None:
+    """A field's own ``check`` (beyond its bounds): why ``value`` is refused, raised naming ``key``."""
+    reason = meta["check"](value) if meta.get("check") and value is not None else None
+    if reason:
+        raise ConfigError(f"`{key}` {reason}, got {value}.")
 
 
 def defaults(options_type: type) -> Dict[str, Any]:

@@ -101,6 +101,7 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     if plan.warmup_steps >= plan.total_steps:
         print(f"WARNING: the warm-up ({plan.warmup_steps} steps, `{cfg.key}.warmup_epochs`) covers all "
               f"{plan.total_steps} training steps: the learning rate never reaches `{cfg.key}.lr` nor decays.")
+
     def nonfinite(loss: float, epoch: int, step: int) -> str:
         return (f"the training loss became {loss} at epoch {epoch}. Lower `{cfg.key}.lr` (now {cfg.lr}) or check "
                 "the feature cache for NaN values.")
@@ -110,8 +111,9 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     trainer = Trainer(head, loss_fn, make_optimizer(head, cfg), plan, device, options)
     last_order = []
 
+    train_data.use_token_cache(cfg.token_cache)
+
     def feed(epoch: int, first: int, end: int):
-        train_data.use_token_cache(cfg.token_cache)
         train_data.set_epoch(epoch)
         order = sampler(members, len(train_data), seed, epoch)
         last_order[:] = [order]
