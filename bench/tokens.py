@@ -21,6 +21,10 @@ in one run on the same rows:
    the same steps on batches already in memory as float32 tensors: a small CPRFL head (dim 16,
    compute per step comparable to a batch's read here) and a depth-0 decoder (almost no compute),
    torch on one thread. Goal: disk <= 1.1x in memory (the read hidden).
+4. ``train.shuffle: blocks`` (default ``block_rows`` 256, ``block_buffer`` 8) on the same file, cold:
+   the same two heads' steps on batches of ``samplers.block_order`` read in whole blocks
+   (``FeatureInput.block_reads``), against the row-random batches of 3; and one epoch's reads alone
+   (every row once, no training), row-random batches against blocks: time, bytes and system calls.
 
 Run: .venv/bin/python bench/tokens.py   (about a minute on 2 cores; ~760 MB in a temporary directory)
      Add --record to write the figures to docs/results.md.
@@ -41,6 +45,7 @@ import torch
 from ltpipe.evaluation.inference import FeatureInput
 from ltpipe.features.store import SplitFeatures, SplitWriter
 from ltpipe.features.token_reader import read_ahead
+from ltpipe.training.samplers import block_order
 
 try:  # `python bench/<name>.py` puts bench/ on sys.path, `python -m bench.<name>` the repository
     import results
@@ -49,6 +54,7 @@ except ImportError:
 
 BATCH = 256
 SLICE = 1024  # rows per read of a sequential pass (predict's batch)
+BLOCK_ROWS, BLOCK_BUFFER = 256, 8  # `train.block_rows`, `train.block_buffer` defaults
 
 
 def build(path: Path, rows: int, shape: tuple) -> Path:
@@ -162,8 +168,11 @@ def step_times(path: Path, draws: int) -> dict:
     disk.features.token_rows(np.arange(rows))  # rows verified: an epoch after the first
     memory = FeatureInput(SplitFeatures(path, load_tokens=True), "tokens", cpu)
     ready = [memory.batch(index) for index in batches]
+    blocks = block_batches(rows, draws, rng)
+    assert len(blocks) == len(batches), f"{rows} rows hold fewer than {draws} full batches"
     feeds = {"ready": lambda: iter(ready), "memory": cached_feed(memory, batches, True),
-             "disk": cached_feed(disk, batches, True), "disk_inline": cached_feed(disk, batches, False)}
+             "disk": cached_feed(disk, batches, True), "disk_inline": cached_feed(disk, batches, False),
+             "blocks": cached_feed(disk, blocks, True, in_blocks=True)}
     made = {"CPRFL (dim 16)": lambda: CPRFLHead(768, 512, 100, 16, 2, 8, 16, 0.0, 0.5, 256, 0.0),
             "decoder (depth 0)": lambda: DecoderHead(768, 100, 0, 4, 0.5, False)}
     times = {}
@@ -177,23 +186,67 @@ def step_times(path: Path, draws: int) -> dict:
         model = make()
         optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
         timed_pass(model, optimizer, labels, feeds["ready"], len(batches))  # warm-up: allocator, kernels
-        figures = {way: [] for way in list(feeds) + ["disk_cold"]}
+        figures = {way: [] for way in list(feeds) + ["disk_cold", "blocks_cold"]}
         for _ in range(3):
             for way, feed in feeds.items():
                 figures[way].append(timed_pass(model, optimizer, labels, feed, len(batches)))
-            drop(path)
-            figures["disk_cold"].append(timed_pass(model, optimizer, labels, feeds["disk"], len(batches)))
+            for way in ("disk", "blocks"):
+                drop(path)
+                figures[f"{way}_cold"].append(timed_pass(model, optimizer, labels, feeds[way], len(batches)))
         times[name] = {way: statistics.median(values) for way, values in figures.items()}
     torch.set_num_threads(threads)
     return times
 
 
-def cached_feed(data: FeatureInput, batches: list, ahead: bool):
-    """The training loop's feed: rows read into reused buffers, the next batch read ahead or not."""
+def block_batches(rows: int, count: int, rng: np.random.Generator, full: bool = True) -> list:
+    """The first ``count`` sorted batches of an epoch under `shuffle: blocks` (instance sampler); with
+    ``full``, only batches of ``BATCH`` rows (a training step's labels have that length)."""
+    order = block_order(rng.permutation(rows), BLOCK_ROWS, BLOCK_BUFFER, rng)
+    available = rows // BATCH if full else -(-rows // BATCH)
+    return [np.sort(order[k * BATCH:(k + 1) * BATCH]) for k in range(min(count, available))]
+
+
+def cached_feed(data: FeatureInput, batches: list, ahead: bool, in_blocks: bool = False):
+    """The training loop's feed: rows read into reused buffers, the next batch read ahead or not; with
+    ``in_blocks``, read in whole blocks (a new plan each pass, as each epoch has)."""
     def feed():
-        load = functools.partial(data.batch, reuse=True)
+        reads = data.block_reads(batches, BLOCK_ROWS, BLOCK_BUFFER) if in_blocks else None
+        load = functools.partial(data.batch, reuse=True, reads=reads)
         return (x for _, x in read_ahead(load, batches, enabled=ahead))
     return feed
+
+
+def epoch_reads(path: Path, repeats: int = 3) -> dict:
+    """One epoch's reads, cold, no training: row-random sorted batches against `shuffle: blocks`
+    batches read in whole blocks. Best time of ``repeats``, with the bytes and system calls read."""
+    rows = SplitFeatures.read_labels(path).shape[0]
+    _, row_bytes = layout(path)
+    rng = np.random.default_rng(3)
+    order = rng.permutation(rows)
+    plans = {"rows": [np.sort(order[k:k + BATCH]) for k in range(0, rows, BATCH)],
+             "blocks": block_batches(rows, rows, rng, full=False)}
+    data = FeatureInput(SplitFeatures(path), "tokens", torch.device("cpu"))
+    data.features.token_rows(np.arange(rows))  # rows verified: an epoch after the first
+    figures = {}
+    for name, batches in plans.items():
+        best = float("inf")
+        for _ in range(repeats):
+            drop(path)
+            reads = data.block_reads(batches, BLOCK_ROWS, BLOCK_BUFFER) if name == "blocks" else None
+            start = time.perf_counter()
+            for index in batches:
+                data.batch(index, reuse=True, reads=reads)
+            best = min(best, time.perf_counter() - start)
+        if name == "blocks":
+            blocks = np.unique(np.concatenate(batches) // BLOCK_ROWS)
+            assert reads.blocks_read == len(blocks)  # each block once
+            calls = reads.blocks_read
+            nbytes = int(np.sum(np.minimum((blocks + 1) * BLOCK_ROWS, rows) - blocks * BLOCK_ROWS)) * row_bytes
+        else:
+            calls = sum(1 + int(np.count_nonzero(np.diff(index) != 1)) for index in batches)
+            nbytes = sum(len(index) for index in batches) * row_bytes
+        figures[name] = {"ms": 1000 * best, "bytes": nbytes, "calls": calls}
+    return figures
 
 
 def timed_pass(model, optimizer, labels, feed, steps: int) -> float:
@@ -226,10 +279,11 @@ def main(argv=None):
                 column[f"seq_{temperature}"] = sequential(path, temperature == "cold")
             if shape == (50, 768):
                 steps = step_times(path, args.steps)
+                epoch = epoch_reads(path)
             columns[name] = column
             path.unlink()
             print(f"{name} done", flush=True)
-    rows = table(columns) + step_table(steps, len(columns))
+    rows = table(columns) + step_table(steps, len(columns)) + epoch_table(epoch, len(columns))
     width = max(len(row[0]) for row in rows)
     header = ("what",) + tuple(columns)
     for row in [header] + rows:
@@ -286,6 +340,29 @@ def step_table(times: dict, width: int) -> list:
             rows.append([f"training step, {name}: {label}", f"{figures[way]:.1f} ms"] + pad)
         ratios = f"{figures['disk'] / figures['ready']:.2f}x; {figures['disk_cold'] / figures['ready']:.2f}x"
         rows.append([f"training step, {name}: disk read ahead (warm; cold) / in memory (goal <= 1.1)", ratios] + pad)
+    for name, figures in times.items():
+        rows += [
+            [f"training step, {name}: `shuffle: blocks`, disk, read ahead, warm", f"{figures['blocks']:.1f} ms"] + pad,
+            [f"training step, {name}: `shuffle: blocks`, disk, read ahead, cold",
+             f"{figures['blocks_cold']:.1f} ms"] + pad,
+            [f"training step, {name}: cold, blocks / row-random; blocks / in memory",
+             f"{figures['blocks_cold'] / figures['disk_cold']:.2f}x; {figures['blocks_cold'] / figures['ready']:.2f}x"]
+            + pad,
+        ]
+    return rows
+
+
+def epoch_table(figures: dict, width: int) -> list:
+    """Rows of one epoch's cold reads (50x768 only)."""
+    pad = [""] * (width - 1)
+    rows = []
+    labels = {"rows": "row-random batches", "blocks": f"`shuffle: blocks` ({BLOCK_ROWS} x {BLOCK_BUFFER})"}
+    for name, label in labels.items():
+        f = figures[name]
+        rows.append([f"epoch's reads, cold, {label}: time; MB; reads",
+                     f"{f['ms']:.0f} ms; {f['bytes'] / 1e6:.0f} MB; {f['calls']}"] + pad)
+    rows.append(["epoch's reads, cold: blocks / row-random (time)",
+                 f"{figures['blocks']['ms'] / figures['rows']['ms']:.2f}x"] + pad)
     return rows
 
 

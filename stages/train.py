@@ -24,7 +24,7 @@ def main() -> None:
         summary = run_stage(params, logger=log)
         live.summary.update({"best_epoch": summary["best_epoch"], "best_val_score": summary["val_score"],
                              **{k: v for k, v in summary.items() if k.startswith("stage2_")},
-                             **{k: summary[k] for k in ("above_chance", "chance_score", "loss_diverged")}})
+                             **{k: summary[k] for k in ("above_chance", "chance_score", "loss_diverged", "threads")}})
 
 
 if __name__ == "__main__":

@@ -20,6 +20,16 @@ def _threads():
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads(_threads):
+    # Stages called in-process set torch's thread count for their work (model.threads); the next test
+    # starts from the session's.
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 def make_source(root: Path, multilabel: bool = False, **overrides) -> DatasetSource:
     spec = SyntheticSpec(**dict(TINY, multilabel=multilabel, **overrides))
     lists = generate(spec, root)

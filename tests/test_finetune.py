@@ -297,11 +297,15 @@ def test_two_gloo_processes_take_the_same_step_as_one(workspace, monkeypatch):
     _set_params(workspace, "cosine", iterations=1, batch_size=16, micro_batch=8, checkpoint_every=1,
                 optimizer="sgd", clip_grad_norm=0.0, lr=0.05, head_lr=0.5)
     _finish(_stage(workspace, "partial"))
-    one, _ = _result(workspace, "partial")
+    one, one_metrics = _result(workspace, "partial")
     out = _finish(_stage(workspace, "partial", sys.executable, "-m", "torch.distributed.run", "--standalone",
                          "--nproc_per_node", "2"))
     assert "2 process(es)" in out
-    two, _ = _result(workspace, "partial")
+    two, two_metrics = _result(workspace, "partial")
+    # model.threads: auto is torch's default: all cores for one process, one each for torchrun's two
+    default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert (one_metrics["threads"], two_metrics["threads"]) == (int(default), 1)
     monkeypatch.chdir(workspace)  # the weights file names its checkpoint relative to the project
     base, _, _ = models.load(models.ResolvedWeights.load("data/weights/weights.json"), "cpu")
     pretrained = dict(base.visual.named_parameters())

@@ -3,6 +3,7 @@
 import contextlib
 import os
 import random
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +38,47 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# A step below this many multiply-adds (batch x feature width x classes, a head on pooled features)
+# runs on one thread: there a second thread gained little on an idle machine and lost beside a busy
+# process (bench/threads.py, docs/design.md#threads).
+SMALL_STEP = 1 << 26
+_TORCH_DEFAULT_THREADS = []  # torch's own choice (OMP_NUM_THREADS, physical cores), read before any change
+
+
+def parse_threads(value, key: str = "model.threads"):
+    """``auto`` or a positive thread count."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"`{key}` is {value!r}; valid values: auto, or a number of threads >= 1.")
+    return value
+
+
+def choose_threads(setting, step_macs: Optional[int], work: str) -> Tuple[int, str]:
+    """The intra-op thread count for ``work`` and why. ``step_macs``: multiply-adds of one step (one
+    batch of a head on pooled features, one chunk of a prediction pass); None for work that is large by
+    nature (an image encoder, token grids). The choice depends on the work and on torch's default for
+    the machine, never on the machine's momentary load: a thread count can change float results (the
+    order of a sum), and the same params must give the same metrics."""
+    if not _TORCH_DEFAULT_THREADS:
+        _TORCH_DEFAULT_THREADS.append(torch.get_num_threads())
+    default = _TORCH_DEFAULT_THREADS[0]
+    if setting != "auto":
+        return setting, f"`model.threads: {setting}`"
+    if step_macs is not None and step_macs < SMALL_STEP:
+        return 1, f"`model.threads: auto`: {work} is {step_macs / 1e6:.3g}M multiply-adds a step, too few to share"
+    size = "" if step_macs is None else f", {step_macs / 1e6:.3g}M multiply-adds a step"
+    return default, f"`model.threads: auto`: torch's default for {work}{size}"
+
+
+def use_threads(setting, step_macs: Optional[int], work: str) -> int:
+    """Set and print the thread count for ``work`` (:func:`choose_threads`); returns it, for the metrics."""
+    count, reason = choose_threads(setting, step_macs, work)
+    torch.set_num_threads(count)
+    print(f"threads: {count} ({reason})")
+    return count
 
 
 def seed_everything(seed: int) -> None:

@@ -5,12 +5,13 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from ltpipe import heads
 from ltpipe.core import paths
 from ltpipe.core.config import Params
-from ltpipe.core.runtime import resolve_device
+from ltpipe.core.runtime import parse_threads, resolve_device, use_threads
 from ltpipe.data import manifest
 from ltpipe.evaluation import metrics
-from ltpipe.evaluation.inference import FeatureInput, predict
+from ltpipe.evaluation.inference import PREDICT_BATCH, FeatureInput, predict
 from ltpipe.evaluation.results import (
     check_features,
     check_posthoc,
@@ -47,8 +48,11 @@ def run_evaluate(params: Params) -> Dict:
     test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
     check_features(test, prepared)
     warn_skipped(test)
+    threads = use_threads(parse_threads(params.raw("model.threads")),
+                          heads.step_size(run["head"], head, test.pooled.shape[1], prepared.num_classes,
+                                          PREDICT_BATCH), f"predicting with {run['head']}")
     logits = predict(head, FeatureInput(test, head.input, device))
-    run = dict(run, posthoc=posthoc, posthoc_tau=None)
+    run = dict(run, posthoc=posthoc, posthoc_tau=None, threads=threads)
     if posthoc == "logit_adjust":
         tau, prior = posthoc_logit_adjust(head, device, prepared)
         logits = logit_adjust(logits, prior, tau)

@@ -1,12 +1,14 @@
 """Feeding cached features to a head, and batched prediction."""
 
+from typing import List, Optional
+
 import numpy as np
 import torch
 from torch import nn
 
 from ltpipe.core.errors import ConfigError
 from ltpipe.features.store import SplitFeatures
-from ltpipe.features.token_reader import available_memory, choose_token_cache
+from ltpipe.features.token_reader import BlockReads, available_memory, choose_token_cache
 
 
 class FeatureInput:
@@ -64,17 +66,34 @@ class FeatureInput:
             self.features.load_tokens()
         print(f"token grids of {name}: {'in memory' if memory else 'read from disk'}, {why}")
 
-    def batch(self, index: np.ndarray, reuse: bool = False) -> torch.Tensor:
+    def file_rows(self, index: np.ndarray) -> np.ndarray:
+        """The rows of the cache file that hold inputs ``index`` (sorted stays sorted)."""
+        return index
+
+    def block_reads(self, batches: List[np.ndarray], block_rows: int, block_buffer: int) -> Optional[BlockReads]:
+        """For an epoch of batches ordered by ``samplers.block_order``: the plan that reads the token
+        grids from the file in whole blocks of ``block_rows`` inputs, each once (pass it to :meth:`batch`);
+        None where nothing is read from a file (pooled rows, grids in memory)."""
+        if self.kind != "tokens" or not isinstance(self.features, SplitFeatures) or self.features.tokens_in_memory:
+            return None
+
+        def read(inputs: np.ndarray, out: np.ndarray) -> np.ndarray:
+            return self.features.token_rows(self.file_rows(inputs), out)
+
+        return BlockReads(batches, block_rows, block_buffer, len(self), read, self.features.token_buffer)
+
+    def batch(self, index: np.ndarray, reuse: bool = False, reads: Optional[BlockReads] = None) -> torch.Tensor:
         """The head's input for rows ``index`` as float32 on ``self.device``. With ``reuse``, token grids
         on a CPU are cast into one of two alternating buffers (no new 40 MB allocation a batch): the
         tensor returned is overwritten two calls later, so the caller holds at most the batch training
-        and the one read ahead (the training feed)."""
-        if self._pooled is not None:
-            x = self._pooled[torch.from_numpy(np.asarray(index, dtype=np.int64))]
-            return x.to(self.device, non_blocking=True)
+        and the one read ahead (the training feed). With ``reads`` (:meth:`block_reads`), token grids
+        come from its blocks: the same values, read from the file in whole blocks."""
         index = np.asarray(index, dtype=np.int64)
+        if self._pooled is not None:
+            x = self._pooled[torch.from_numpy(self.file_rows(index))]
+            return x.to(self.device, non_blocking=True)
         if not isinstance(self.features, SplitFeatures):  # grids already in memory as float32 arrays (tests)
-            return torch.from_numpy(self.features.tokens(index)).to(self.device, non_blocking=True)
+            return torch.from_numpy(self.features.tokens(self.file_rows(index))).to(self.device, non_blocking=True)
         slot = self._slot
         self._slot = 1 - slot
         if self._copied[slot] is not None:
@@ -84,7 +103,10 @@ class FeatureInput:
             shape = (len(index),) + tuple(self.features.token_shape)
             dtype = torch.from_numpy(np.empty(0, dtype=self.features.token_dtype)).dtype
             host = self._host[slot] = torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
-        rows = torch.from_numpy(self.features.token_rows(index, host.numpy()))
+        if reads is not None:
+            rows = torch.from_numpy(reads.rows(index, host.numpy()))
+        else:
+            rows = torch.from_numpy(self.features.token_rows(self.file_rows(index), host.numpy()))
         if reuse and self.device.type == "cpu":
             out = self._float[slot]
             if out is None or len(out) < len(index):
@@ -98,8 +120,12 @@ class FeatureInput:
         return x.to(torch.float32, copy=x.data_ptr() == rows.data_ptr())
 
 
+# Rows per forward pass of a prediction (validation, evaluation): a sequential read of this many rows.
+PREDICT_BATCH = 1024
+
+
 @torch.inference_mode()
-def predict(head: nn.Module, data: FeatureInput, batch_size: int = 1024) -> np.ndarray:
+def predict(head: nn.Module, data: FeatureInput, batch_size: int = PREDICT_BATCH) -> np.ndarray:
     head.eval()
     out = None  # filled in place: one [N, C] array, not a list of batches and their concatenation
     for start in range(0, len(data), batch_size):
@@ -132,6 +158,7 @@ class ViewInput(FeatureInput):
     def set_epoch(self, epoch: int) -> None:
         self._choice = np.random.default_rng([self.seed, epoch, 7]).integers(0, self.views, self.count)
 
-    def batch(self, index: np.ndarray, reuse: bool = False) -> torch.Tensor:
-        index = np.asarray(index, dtype=np.int64)
-        return super().batch(index * self.views + self._choice[index], reuse)
+    def file_rows(self, index: np.ndarray) -> np.ndarray:
+        # Under `shuffle: blocks` a block is one of images, read as its images' chosen views: rows in
+        # increasing file order within the block's views, 1/views of the block's bytes.
+        return index * self.views + self._choice[index]

@@ -25,7 +25,14 @@ import ltpipe
 from ltpipe.core import paths
 from ltpipe.core.config import Params
 from ltpipe.core.errors import DataError, DiskFullError
-from ltpipe.core.runtime import autocast, data_loader_kwargs, resolve_device, resolve_precision
+from ltpipe.core.runtime import (
+    autocast,
+    data_loader_kwargs,
+    parse_threads,
+    resolve_device,
+    resolve_precision,
+    use_threads,
+)
 from ltpipe.data import manifest
 from ltpipe.data.manifest import Prepared
 from ltpipe.features import models, store
@@ -370,7 +377,10 @@ def run_stage(params: Params) -> Dict:
     prepared = manifest.load(paths.PREPARED_DIR)
     workers, device = distributed_workers(params.str("model.device"))
     precision = resolve_precision(precision_name, device)
+    threads = use_threads(parse_threads(params.raw("model.threads")), None, "the image encoder")
     report = run(prepared, weights, options, paths.FEATURES_DIR, device, precision, paths.PARTIAL_DIR, workers)
+    for row in report.values():
+        row["threads"] = threads
     if workers.world > 1:
         torch.distributed.destroy_process_group()
     if workers.rank > 0:

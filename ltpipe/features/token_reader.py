@@ -13,7 +13,7 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Tuple, TypeVar
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 import h5py
 import numpy as np
@@ -156,6 +156,88 @@ def choose_token_cache(mode: str, nbytes: int, available: Optional[int]) -> Tupl
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------- whole blocks (`train.shuffle: blocks`)
+
+
+class BlockReads:
+    """One epoch's token batches served from whole blocks of rows, each read once, in full.
+
+    ``batches`` are the epoch's sorted index arrays in training order, laid out by
+    :func:`ltpipe.training.samplers.block_order` with ``block_rows`` and ``block_buffer``;
+    ``read(rows, out)`` reads the grids of the input rows ``rows`` (sorted) into ``out``. A block is
+    read whole (rows ``b * block_rows`` up to the next block) by the first batch that needs it, or
+    earlier, and dropped after the last batch that needs it.
+
+    Reading only when needed would read a whole window at its first batch (its rows are shuffled
+    together, so that batch needs nearly every block of it), a burst one batch of read-ahead cannot
+    hide. So each batch also reads ahead the next blocks to be needed, as many as the epoch has
+    blocks per batch, while at most ``2 x block_buffer`` blocks are held: the window's reads spread
+    over the previous window's batches. Blocks held: at most ``max(2 x block_buffer, block_buffer +
+    the blocks one batch reads)``, i.e. ``2 x block_buffer`` when a batch is no longer than a window
+    (``block_rows x block_buffer`` rows). Batches must be asked for in order (the read-ahead thread
+    and the training step both do).
+    """
+
+    def __init__(self, batches: List[np.ndarray], block_rows: int, block_buffer: int, total: int,
+                 read: Callable[[np.ndarray, np.ndarray], np.ndarray], buffer: Callable[[int], np.ndarray]):
+        self.batches = batches
+        self.block_rows = block_rows
+        self.total = total
+        self._read = read
+        self._buffer = buffer
+        needs = [np.unique(np.asarray(index) // block_rows).tolist() for index in batches]
+        self._last_use: Dict[int, int] = {}
+        first_use: Dict[int, int] = {}
+        for k, blocks in enumerate(needs):
+            for block in blocks:
+                first_use.setdefault(block, k)
+                self._last_use[block] = k
+        self._schedule = list(first_use.items())  # (block, first batch needing it), in that batch order
+        self._scheduled = 0  # blocks of the schedule read so far
+        self._pace = -(-len(first_use) // max(len(batches), 1))  # blocks read ahead per batch
+        self._most = 2 * block_buffer  # blocks held at most, by reads ahead of need
+        self._held: Dict[int, np.ndarray] = {}
+        self._free: List[np.ndarray] = []  # buffers of dropped blocks, reused for the next ones
+        self._next = 0
+        self.blocks_read = 0
+        self.most_held = 0
+
+    def rows(self, index: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The grids of the next batch, ``index`` (which must be it), into ``out[:len(index)]``."""
+        k = self._next
+        if k >= len(self.batches) or not np.array_equal(index, self.batches[k]):
+            raise RuntimeError(f"batch {k} of the epoch's block plan asked for out of order")
+        self._next += 1
+        for block in [b for b in self._held if self._last_use[b] < k]:
+            self._free.append(self._held.pop(block))
+        while self._scheduled < len(self._schedule) and self._schedule[self._scheduled][1] <= k:
+            self._read_next()  # needed now
+        for _ in range(self._pace):
+            if self._scheduled == len(self._schedule) or len(self._held) >= self._most:
+                break
+            self._read_next()  # needed later
+        self.most_held = max(self.most_held, len(self._held))
+        out = out[:len(index)]
+        blocks = index // self.block_rows
+        # Sorted rows: each block's rows are one slice of the batch.
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
+        starts, stops = np.concatenate(([0], bounds)).tolist(), np.concatenate((bounds, [len(index)])).tolist()
+        for first, stop in zip(starts, stops):
+            block = int(blocks[first])
+            np.take(self._held[block], index[first:stop] - block * self.block_rows, axis=0, out=out[first:stop],
+                    mode="clip")  # rows within the block by construction
+        return out
+
+    def _read_next(self) -> None:
+        block = self._schedule[self._scheduled][0]
+        self._scheduled += 1
+        start, stop = block * self.block_rows, min((block + 1) * self.block_rows, self.total)
+        held = self._free.pop() if self._free else self._buffer(self.block_rows)
+        self._read(np.arange(start, stop), held)
+        self._held[block] = held
+        self.blocks_read += 1
 
 
 # ---------------------------------------------------------------- read-ahead

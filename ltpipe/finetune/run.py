@@ -21,7 +21,14 @@ from torch.utils.data import DataLoader, Subset
 from ltpipe import losses
 from ltpipe.core import paths
 from ltpipe.core.config import Params
-from ltpipe.core.runtime import autocast, data_loader_kwargs, load_tensors, resolve_precision, seed_everything
+from ltpipe.core.runtime import (
+    autocast,
+    data_loader_kwargs,
+    load_tensors,
+    resolve_precision,
+    seed_everything,
+    use_threads,
+)
 from ltpipe.data import manifest
 from ltpipe.evaluation import metrics
 from ltpipe.evaluation.results import check_task, model_id, write_metrics
@@ -112,6 +119,7 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     workers, device = distributed_workers(params.str("model.device"))
     precision = resolve_precision(params.str("model.precision"), device)
     seed_everything(choice.seed)
+    use_threads(choice.threads, None, f"fine-tuning ({mode_name})")
     clip_model, preprocess, tokenizer = models.load(weights, device)
     if cfg.grad_checkpointing:
         clip_model.set_grad_checkpointing(True)
@@ -162,7 +170,7 @@ def save_results(model, mode, choice, cfg: FinetuneConfig, prepared: manifest.Pr
                  summary: Dict, work_dir: Path) -> None:
     """The fine-tuned model, its test metrics and its report (rank 0); the resume state goes."""
     mode_name = mode.name
-    run = dict(choice.identity(), mode=mode_name, posthoc="none", posthoc_tau=None)
+    run = dict(choice.identity(), mode=mode_name, posthoc="none", posthoc_tau=None, threads=torch.get_num_threads())
     ft_model.save_finetuned(paths.FINETUNE_DIR / f"{mode_name}.pt", model, mode, choice.head, weights.sha256, run)
     cache = model_id(weights.arch, weights.pretrained, weights.sha256)
     fields = dict(dataset=prepared.name, task=prepared.task, **run, features=f"{cache}+finetune")

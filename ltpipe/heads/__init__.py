@@ -57,6 +57,15 @@ def build(name: str, options, ctx: HeadContext) -> torch.nn.Module:
     return entry.obj.from_options(entry.options() if options is None else options, ctx)
 
 
+def step_size(name: str, head: torch.nn.Module, pooled_dim: int, num_classes: int, rows: int) -> Optional[int]:
+    """Multiply-adds of one step over ``rows`` inputs of a head on pooled features trained by gradient
+    descent (its classifier's matmul), which decides its thread count (``ltpipe.core.runtime``); None
+    for heads on token grids and for fitted heads (one large search or mean): large by nature."""
+    if head.input != "pooled" or not HEADS.capability(name, "trains"):
+        return None
+    return rows * pooled_dim * num_classes
+
+
 def rebuild(name: str, kwargs: Dict) -> torch.nn.Module:
     """The head ``name`` built from constructor ``kwargs`` (a checkpoint's); an option missing from
     them takes its default from the head's options dataclass."""

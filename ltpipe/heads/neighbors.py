@@ -91,6 +91,7 @@ class _IndexedHead(nn.Module):
             # load faiss, which only knn and ncm use and a bare GPU machine does not have.
             import faiss
 
+            faiss.omp_set_num_threads(torch.get_num_threads())  # faiss has its own OpenMP pool: the stage's count
             bank = _as_numpy(self._bank())
             index = faiss.IndexFlatIP(bank.shape[1])
             index.add(bank)

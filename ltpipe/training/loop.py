@@ -21,7 +21,7 @@ from ltpipe import heads, losses
 from ltpipe.core import paths
 from ltpipe.core.config import Params
 from ltpipe.core.errors import ConfigError
-from ltpipe.core.runtime import resolve_device, seed_everything
+from ltpipe.core.runtime import resolve_device, seed_everything, use_threads
 from ltpipe.data import manifest
 from ltpipe.evaluation import metrics
 from ltpipe.evaluation.inference import FeatureInput, ViewInput, predict
@@ -29,7 +29,7 @@ from ltpipe.evaluation.results import check_features, check_posthoc, check_task
 from ltpipe.features.store import SplitFeatures, TextFeatures
 from ltpipe.features.token_reader import read_ahead
 from ltpipe.training import checkpoint, stage2
-from ltpipe.training.samplers import SAMPLERS, class_members
+from ltpipe.training.samplers import SAMPLERS, block_order, block_rng, class_members, classes_per_batch
 from ltpipe.training.spec import RunSpec, TrainConfig, read_run_spec
 from ltpipe.training.trainer import LoopOptions, Plan, Trainer, batches_of
 
@@ -112,15 +112,23 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     last_order = []
 
     train_data.use_token_cache(cfg.token_cache)
+    blocks = cfg.shuffle == "blocks"
+    if blocks:
+        report_block_shuffle(labels, sampler(members, len(train_data), seed, 0), cfg, seed)
 
     def feed(epoch: int, first: int, end: int):
         train_data.set_epoch(epoch)
         order = sampler(members, len(train_data), seed, epoch)
+        if blocks:
+            # The sampler's draws, re-ordered from (seed, epoch) alone: a resumed epoch cuts the same batches.
+            order = block_order(order, cfg.block_rows, cfg.block_buffer, block_rng(seed, epoch))
         last_order[:] = [order]
         # A batch is a set (the loss is its mean); sorted rows read the cache forwards. The sampler has
         # decided every batch before any is read: reading ahead changes when rows are read, not which.
         indexes = [np.sort(batch) for batch in batches_of(order, cfg.batch_size, first, end)]
-        load = functools.partial(train_data.batch, reuse=True)  # one batch training, one read ahead: two buffers
+        reads = train_data.block_reads(indexes, cfg.block_rows, cfg.block_buffer) if blocks else None
+        # One batch training, one read ahead: two buffers.
+        load = functools.partial(train_data.batch, reuse=True, reads=reads)
         for index, x in read_ahead(load, indexes, enabled=train_data.read_ahead):
             yield [(x, target[torch.from_numpy(index)], 1.0, True)]
 
@@ -147,6 +155,28 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     result.uninformative_loss = uninformative_loss(loss_fn, target[torch.from_numpy(last_order[0])], num_classes,
                                                    device)
     return result
+
+
+# Under `shuffle: blocks`, batches seeing fewer than this share of the distinct classes that row-random
+# batches see get a WARNING: the split is stored grouped by class, and each window holds few classes.
+FEW_CLASSES_SHARE = 0.5
+
+
+def report_block_shuffle(labels: np.ndarray, order: np.ndarray, cfg: TrainConfig, seed: int) -> None:
+    """Print what `shuffle: blocks` does to the first epoch's batches: their mean number of distinct classes
+    against the sampler's row-random order, with a WARNING when the blocks leave batches nearly one-class."""
+    shuffled = block_order(order, cfg.block_rows, cfg.block_buffer, block_rng(seed, 0))
+    by_blocks = classes_per_batch(labels, shuffled, cfg.batch_size)
+    by_rows = classes_per_batch(labels, order, cfg.batch_size)
+    print(f"`{cfg.key}.shuffle: blocks`: rows shuffled within windows of {cfg.block_rows} x {cfg.block_buffer} = "
+          f"{cfg.block_rows * cfg.block_buffer} rows; a batch of the first epoch sees {by_blocks:.1f} distinct "
+          f"classes on average ({by_rows:.1f} with `shuffle: rows`)")
+    if by_rows > 0 and by_blocks < FEW_CLASSES_SHARE * by_rows:
+        print(f"WARNING: with `{cfg.key}.shuffle: blocks` a batch sees {by_blocks:.1f} classes, against {by_rows:.1f} "
+              "row-random: the split is stored grouped by class, so each window of blocks holds few classes and "
+              f"the gradient of a batch is biased towards them. Raise `{cfg.key}.block_buffer` (now "
+              f"{cfg.block_buffer}) or lower `{cfg.key}.block_rows` (now {cfg.block_rows}), or use "
+              "`shuffle: rows` if the cache fits in memory or is on a fast disk.")
 
 
 def fit_without_gradients(head_name: str, head: nn.Module, train_feats: SplitFeatures, val_data: FeatureInput,
@@ -287,6 +317,8 @@ def fit(spec: RunSpec, prepared: manifest.Prepared, logger=None):
                             text.embeddings, text.logit_scale,
                             tokens_have_cls=str(train_feats.attrs.get("token_layer")) in ("pre_ln", "post_ln"))
     head = heads.build(spec.head, spec.head_options, ctx)
+    threads = use_threads(spec.threads, heads.step_size(spec.head, head, ctx.pooled_dim, ctx.num_classes,
+                                                        cfg.batch_size), f"training {spec.head}")
     counts = class_counts(train_feats.labels, prepared.num_classes)
     num_images = len(train_feats.labels)
     loss_fn = losses.build(spec.loss, task, spec.loss_options, counts, num_images)
@@ -309,7 +341,7 @@ def fit(spec: RunSpec, prepared: manifest.Prepared, logger=None):
                        seed, multilabel, prepared.num_classes, device, logger, desc=f"train {spec.head}")
     else:
         result = fit_without_gradients(spec.head, head, train_feats, val_input, val_feats.labels, multilabel)
-    summary = {"best_epoch": result.best_epoch, "val_score": result.best_score}
+    summary = {"best_epoch": result.best_epoch, "val_score": result.best_score, "threads": threads}
     print(f"trained {spec.head} with {spec.loss}: best validation score {result.best_score:.4f} "
           f"at epoch {result.best_epoch}")
     model, kept_score = head, result.best_score
@@ -351,7 +383,8 @@ def run_stage(params: Params, logger=None) -> Dict:
         # checkpoint's `stage2` says what the saved model is.
         run["stage2_kept"] = summary["stage2_kept"]
         saved_stage2 = run["stage2"] if summary["stage2_kept"] else "none"
+    # The thread count is the train stage's, recorded in its metrics; the checkpoint holds the model.
     checkpoint.save_checkpoint(paths.HEAD_CHECKPOINT, model, spec.head, run, stage2=saved_stage2,
-                               **{k: v for k, v in summary.items() if k != "seconds"})
+                               **{k: v for k, v in summary.items() if k not in ("seconds", "threads")})
     print(f"training took {summary['seconds']:.1f}s")
     return summary

@@ -84,3 +84,40 @@ def sqrt(members: List[np.ndarray], num_samples: int, seed: int, epoch: int) -> 
     its images uniformly, with replacement. Multi-label: ``n_c`` counts every image that
     has class c, and the image is drawn from those. Imbalance-VLM has no such sampler."""
     return class_weighted_draw(members, num_samples, seed, epoch, exponent=0.5)
+
+
+# ---------------------------------------------------------------- block-shuffled epochs (`train.shuffle: blocks`)
+
+# The third key of the generator that orders blocks: a stream apart from the sampler's ([seed, epoch])
+# and the augmented views' ([seed, epoch, 7]), so `shuffle: rows` draws exactly what it drew before.
+BLOCK_STREAM = 2
+
+
+def block_rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, BLOCK_STREAM])
+
+
+def block_order(order: np.ndarray, block_rows: int, block_buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """The rows of ``order`` (one epoch of a sampler, repeats allowed) re-ordered for reading a file
+    in whole blocks: rows are grouped by their block (``row // block_rows``), the blocks drawn are
+    visited in a random order, and the rows of each window of ``block_buffer`` consecutive visited
+    blocks are shuffled together. The multiset of rows is exactly ``order``'s; only the order changes,
+    and every block's rows fall in one window, so a block is needed during one stretch of the epoch."""
+    order = np.asarray(order, dtype=np.int64)
+    blocks, block_of_row = np.unique(order // block_rows, return_inverse=True)
+    visit = np.empty(len(blocks), dtype=np.int64)
+    visit[rng.permutation(len(blocks))] = np.arange(len(blocks))  # visit[b]: when block b is visited
+    window = visit[block_of_row.reshape(-1)] // block_buffer
+    return order[np.lexsort((rng.random(len(order)), window))]
+
+
+def classes_per_batch(labels: np.ndarray, order: np.ndarray, batch_size: int) -> float:
+    """Mean number of distinct classes in the full batches of ``order`` (multi-label: classes present)."""
+    full = len(order) // batch_size
+    if full == 0:
+        return 0.0
+    batches = np.asarray(order[:full * batch_size]).reshape(full, batch_size)
+    if labels.ndim == 1:
+        ranked = np.sort(labels[batches], axis=1)
+        return float(np.mean(1 + np.count_nonzero(np.diff(ranked, axis=1), axis=1)))
+    return float(np.mean([np.count_nonzero(np.asarray(labels[batch]).any(axis=0)) for batch in batches]))

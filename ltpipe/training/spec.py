@@ -11,11 +11,13 @@ from typing import Any, Dict, Optional
 from ltpipe import heads, losses
 from ltpipe.core.config import Params
 from ltpipe.core.options import option, parse
+from ltpipe.core.runtime import parse_threads
 from ltpipe.features.token_reader import TOKEN_CACHES
 from ltpipe.training import stage2
 from ltpipe.training.samplers import SAMPLERS
 
 OPTIMIZERS = ("adamw", "sgd")
+SHUFFLES = ("rows", "blocks")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,12 @@ class TrainConfig:
     token_cache: str = option("auto", choices=TOKEN_CACHES,
                               doc="token grids of the training split: memory, disk (read a batch ahead), or auto: "
                                   "memory when they take at most half of MemAvailable")
+    shuffle: str = option("rows", choices=SHUFFLES,
+                          doc="rows: each epoch's rows in a random order; blocks: contiguous blocks of block_rows rows "
+                              "in a random order, rows shuffled within block_buffer blocks (token caches larger "
+                              "than RAM on slow disks)")
+    block_rows: int = option(256, minimum=1, doc="shuffle: blocks only: rows per contiguous block")
+    block_buffer: int = option(8, minimum=1, doc="shuffle: blocks only: blocks whose rows are shuffled together")
     key: str = field(default="train", metadata={"param": False})  # the section read, for messages
 
     @classmethod
@@ -53,6 +61,7 @@ class RunSpec:
     seed: int
     train: Optional[TrainConfig]  # None where another section schedules training (fine-tuning)
     device: str
+    threads: Any = "auto"  # `model.threads`: auto or a count (ltpipe.core.runtime.choose_threads)
 
     def identity(self) -> Dict:
         """The names that identify the run in its metrics and checkpoint."""
@@ -77,4 +86,4 @@ def read_run_spec(params: Params, task: str, head: Optional[str] = None, loss: O
     return RunSpec(task=task, head=head, head_options=heads.HEADS.options(head, params), loss=loss,
                    loss_options=losses.LOSSES.options(loss, params), sampler=sampler, stage2=second, seed=seed,
                    train=TrainConfig.from_params(params.sub(train_key)) if train_key else None,
-                   device=params.str("model.device"))
+                   device=params.str("model.device"), threads=parse_threads(params.raw("model.threads")))

@@ -41,10 +41,11 @@ def run_cell(params: Params, head: str, loss: str, seed: int) -> Dict:
         return payload
     spec = read_run_spec(params, task, head=head, loss=loss, seed=seed, sampler_key="sweep.sampler",
                          train_key="sweep.train", with_stage2=False)
-    model, _ = fit(spec, prepared)
+    model, summary = fit(spec, prepared)
     device = resolve_device(spec.device)
     test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
     check_features(test, prepared)
     logits = predict(model.to(device), FeatureInput(test, model.input, device))
-    fields = run_fields(dict(spec.identity(), posthoc="none", posthoc_tau=None), prepared, test)
+    fields = run_fields(dict(spec.identity(), posthoc="none", posthoc_tau=None, threads=summary["threads"]),
+                        prepared, test)
     return write_metrics(logits, test.labels, prepared, fields, name, paths.SWEEP_DIR, per_class=False)

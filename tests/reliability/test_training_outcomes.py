@@ -156,7 +156,8 @@ def refuse_before_training(monkeypatch, tmp_path, params):
 
     monkeypatch.setattr(training, "fit", fit)
     base = {"task": "auto", "head": "linear", "loss": "bce", "sampler": "instance", "stage2": "none", "seed": 0,
-            "evaluate": {"posthoc": "none"}, "stage2_methods": {}, "train": {}, "model": {"device": "cpu"}}
+            "evaluate": {"posthoc": "none"}, "stage2_methods": {}, "train": {},
+            "model": {"device": "cpu", "threads": "auto"}}
     return training.run_stage(Params(dict(base, **params)))
 
 
