@@ -175,3 +175,27 @@ def test_read_ahead_keeps_order_and_raises_where_the_failure_is():
     assert next(early) == (0, 0)
     early.close()  # a consumer that stops early: the pending read is awaited, no thread left behind
     assert not any(t.name.startswith("ltpipe-read-ahead") for t in threading.enumerate())
+
+
+def test_row_checksums_in_threads_equal_one_crc_per_row(monkeypatch):
+    import threading
+    import zlib
+
+    from ltpipe.features import checksums
+
+    rows = np.random.default_rng(0).standard_normal((97, 40, 96)).astype(np.float16)  # 7.5 KB rows, 0.7 MB
+    expected = np.array([zlib.crc32(row.tobytes()) for row in rows], dtype=np.uint32)
+    names = []
+    real_crc32 = zlib.crc32
+    monkeypatch.setattr(checksums.zlib, "crc32", lambda data: names.append(threading.current_thread().name)
+                        or real_crc32(data))
+    np.testing.assert_array_equal(checksums.row_checksums(rows), expected)  # under the threshold: in this thread
+    assert set(names) == {threading.current_thread().name}
+    names.clear()
+    monkeypatch.setattr(checksums, "PARALLEL_ROW_BYTES", 1)
+    np.testing.assert_array_equal(checksums.row_checksums(rows), expected)
+    assert len(names) == 97
+    if checksums._row_pool()[1] > 1:
+        assert all(name.startswith("ltpipe-crc") for name in names)  # in the pool's threads
+    np.testing.assert_array_equal(checksums.row_checksums(rows[:1]), expected[:1])
+    assert len(checksums.row_checksums(rows[:0])) == 0

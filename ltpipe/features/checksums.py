@@ -4,12 +4,15 @@ Checksums catch damage that keeps a file's size and modification time (bit rot, 
 copy), which neither HDF5 nor ``dvc status`` notices. ``checksums`` holds the CRC-32 of
 every dataset read whole (and of the other attributes), verified whenever the dataset is
 loaded; token grids are read a random batch at a time, so each row has its own CRC-32,
-verified the first time this process reads the row. CRC-32 (zlib) runs at ~4.7 GB/s here,
-4x sha1 and 8x md5 (``bench/features.py``), well under the cost of reading the bytes.
+verified the first time this process reads the row. CRC-32 (zlib) is the fastest of the
+hashes at hand (``bench/features.py``: 4x sha1, 8x md5); on one core it runs at ~2.4 GB/s here,
+below a page-cache read, so many rows are checked in threads (``row_checksums``).
 """
 
 import json
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -54,10 +57,40 @@ def attrs_checksum(attrs) -> str:
     return f"{crc:08x}"
 
 
+# zlib releases the GIL on buffers over 5 KB, so rows checked in threads use several cores: the first
+# pass over a token cache is bound by CRC-32, not by the read (bench/tokens.py, "fresh reader").
+PARALLEL_ROW_BYTES = 1 << 22  # rows checked in one call below this many bytes: one thread
+_pool = []  # (executor, workers), made on first use
+
+
+def _row_pool():
+    if not _pool:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = max(1, min(cores, 8))
+        _pool.append((ThreadPoolExecutor(workers, thread_name_prefix="ltpipe-crc"), workers))
+    return _pool[0]
+
+
+if hasattr(os, "register_at_fork"):  # a forked child (a DataLoader worker) has none of the parent's threads
+    os.register_at_fork(after_in_child=_pool.clear)
+
+
 def row_checksums(rows: np.ndarray) -> np.ndarray:
-    """CRC-32 of each row's bytes, ``[len(rows)]`` uint32."""
+    """CRC-32 of each row's bytes, ``[len(rows)]`` uint32; many rows are checked in threads."""
     rows = np.ascontiguousarray(rows)
-    return np.fromiter((zlib.crc32(row) for row in rows), dtype=np.uint32, count=len(rows))
+    out = np.empty(len(rows), dtype=np.uint32)
+
+    def check(part: range) -> None:
+        out[part.start:part.stop] = [zlib.crc32(rows[k]) for k in part]
+
+    pool, workers = _row_pool()
+    parts = min(workers, len(rows))
+    if rows.nbytes < PARALLEL_ROW_BYTES or parts < 2 or rows[0].nbytes <= 5 * 1024:
+        check(range(len(rows)))
+        return out
+    bounds = np.linspace(0, len(rows), parts + 1).astype(int)
+    list(pool.map(check, [range(bounds[k], bounds[k + 1]) for k in range(parts)]))
+    return out
 
 
 def damaged(path: Path, what: str,
