@@ -56,6 +56,11 @@ def parse_threads(value, key: str = "model.threads"):
     return value
 
 
+def read_threads(params) -> "str | int":
+    """``model.threads`` of a stage's params (:class:`ltpipe.core.config.Params`), checked."""
+    return parse_threads(params.raw("model.threads"))
+
+
 def choose_threads(setting, step_macs: Optional[int], work: str) -> Tuple[int, str]:
     """The intra-op thread count for ``work`` and why. ``step_macs``: multiply-adds of one step (one
     batch of a head on pooled features, one chunk of a prediction pass); None for work that is large by

@@ -8,7 +8,7 @@ import numpy as np
 from ltpipe import heads
 from ltpipe.core import paths
 from ltpipe.core.config import Params
-from ltpipe.core.runtime import parse_threads, resolve_device, use_threads
+from ltpipe.core.runtime import read_threads, resolve_device, use_threads
 from ltpipe.data import manifest
 from ltpipe.evaluation import metrics
 from ltpipe.evaluation.inference import PREDICT_BATCH, FeatureInput, predict
@@ -48,7 +48,7 @@ def run_evaluate(params: Params) -> Dict:
     test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
     check_features(test, prepared)
     warn_skipped(test)
-    threads = use_threads(parse_threads(params.raw("model.threads")),
+    threads = use_threads(read_threads(params),
                           heads.step_size(run["head"], head, test.pooled.shape[1], prepared.num_classes,
                                           PREDICT_BATCH), f"predicting with {run['head']}")
     logits = predict(head, FeatureInput(test, head.input, device))

@@ -28,7 +28,7 @@ from ltpipe.core.errors import DataError, DiskFullError
 from ltpipe.core.runtime import (
     autocast,
     data_loader_kwargs,
-    parse_threads,
+    read_threads,
     resolve_device,
     resolve_precision,
     use_threads,
@@ -377,7 +377,7 @@ def run_stage(params: Params) -> Dict:
     prepared = manifest.load(paths.PREPARED_DIR)
     workers, device = distributed_workers(params.str("model.device"))
     precision = resolve_precision(precision_name, device)
-    threads = use_threads(parse_threads(params.raw("model.threads")), None, "the image encoder")
+    threads = use_threads(read_threads(params), None, "the image encoder")
     report = run(prepared, weights, options, paths.FEATURES_DIR, device, precision, paths.PARTIAL_DIR, workers)
     for row in report.values():
         row["threads"] = threads

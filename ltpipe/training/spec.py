@@ -11,7 +11,7 @@ from typing import Any, Dict, Optional
 from ltpipe import heads, losses
 from ltpipe.core.config import Params
 from ltpipe.core.options import option, parse
-from ltpipe.core.runtime import parse_threads
+from ltpipe.core.runtime import read_threads
 from ltpipe.features.token_reader import TOKEN_CACHES
 from ltpipe.training import stage2
 from ltpipe.training.samplers import SAMPLERS
@@ -86,4 +86,4 @@ def read_run_spec(params: Params, task: str, head: Optional[str] = None, loss: O
     return RunSpec(task=task, head=head, head_options=heads.HEADS.options(head, params), loss=loss,
                    loss_options=losses.LOSSES.options(loss, params), sampler=sampler, stage2=second, seed=seed,
                    train=TrainConfig.from_params(params.sub(train_key)) if train_key else None,
-                   device=params.str("model.device"), threads=parse_threads(params.raw("model.threads")))
+                   device=params.str("model.device"), threads=read_threads(params))
