@@ -302,9 +302,10 @@ def test_two_gloo_processes_take_the_same_step_as_one(workspace, monkeypatch):
                          "--nproc_per_node", "2"))
     assert "2 process(es)" in out
     two, two_metrics = _result(workspace, "partial")
-    # model.threads: auto is torch's default: all cores for one process, one each for torchrun's two
+    # model.threads: auto is torch's default in the stage's environment (`_stage` sets OMP_NUM_THREADS=1)
     default = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+                             env=dict(dvc_repo.env(), OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                             check=True).stdout.strip()
     assert (one_metrics["threads"], two_metrics["threads"]) == (int(default), 1)
     monkeypatch.chdir(workspace)  # the weights file names its checkpoint relative to the project
     base, _, _ = models.load(models.ResolvedWeights.load("data/weights/weights.json"), "cpu")
