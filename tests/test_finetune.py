@@ -207,9 +207,9 @@ def test_trim_log_drops_rows_after_the_resume_step(tmp_path):
     assert tsv.read_text() == "step\tloss\n1\t0.9\n2\t0.8\n"
 
 
-def _stage(workspace, mode: str, *launcher: str) -> subprocess.Popen:
+def _stage(workspace, mode: str, *launcher: str, module: tuple = ("-m", "stages.finetune")) -> subprocess.Popen:
     env = dict(dvc_repo.env(), OMP_NUM_THREADS="1")
-    cmd = list(launcher or (sys.executable,)) + ["-m", "stages.finetune", mode]
+    cmd = list(launcher or (sys.executable,)) + list(module) + [mode]
     return subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -255,6 +255,30 @@ def _kill_once_saved(workspace, mode: str, wanted) -> int:
     return step
 
 
+# Runs the stage with ResumeState.save patched to SIGKILL the process right after saving step argv[1]:
+# an exact kill point that polling cannot promise (the final save lives for a fraction of a second).
+_KILL_AFTER_SAVE = """
+import os, runpy, signal, sys
+from ltpipe.finetune.train import ResumeState
+kill_step = int(sys.argv.pop(1))  # argv: -c, step, mode
+save = ResumeState.save
+def save_then_die(self, step, *args, **kwargs):
+    save(self, step, *args, **kwargs)
+    if step == kill_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+ResumeState.save = save_then_die
+sys.argv[0] = "stages.finetune"
+runpy.run_module("stages.finetune", run_name="__main__", alter_sys=True)
+"""
+
+
+def _kill_after_save(workspace, mode: str, step: int) -> None:
+    proc = _stage(workspace, mode, module=("-c", _KILL_AFTER_SAVE, str(step)))
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, out
+    assert _saved_step(workspace, mode) == step
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_result_of_an_uninterrupted_one(workspace):
     # 100 training images, batch 16: 6 steps an epoch, 18 in all. cprfl has dropout: the RNG must resume too.
@@ -268,11 +292,13 @@ def test_killed_run_resumes_to_the_result_of_an_uninterrupted_one(workspace):
     # Saving at epoch ends only (a setting that does not restart the run): the next kill follows an
     # epoch's validation and checkpoint, the one after the final step's.
     _set_params(workspace, "cprfl", epochs=3, checkpoint_every=6)
-    boundary = _kill_once_saved(workspace, "bitfit", lambda step: step > first)
-    assert boundary % 6 == 0 and not (workspace / "data/finetune/bitfit.pt").exists()
-    last = _kill_once_saved(workspace, "bitfit", lambda step: step == 18)
+    boundary = 6 * (first // 6 + 1)  # 6 unless the poll above was slow
+    if boundary < 18:
+        _kill_after_save(workspace, "bitfit", boundary)
+        assert not (workspace / "data/finetune/bitfit.pt").exists()
+    _kill_after_save(workspace, "bitfit", 18)
     out = _finish(_stage(workspace, "bitfit"))
-    assert f"resuming fine-tuning at step {last}" in out
+    assert "resuming fine-tuning at step 18" in out
 
     state, result = _result(workspace, "bitfit")
     assert state.keys() == expected_state.keys()
