@@ -17,14 +17,16 @@ def main() -> None:
         def log(row):
             prefix = "stage2/" if row.get("stage") == 2 else ""  # stage-2 epochs continue the step count
             live.log_metric(f"{prefix}train/loss", row["train_loss"])
-            live.log_metric(f"{prefix}val/score", row["val_score"])
+            if row["val_score"] is not None:  # no validation split: no curve
+                live.log_metric(f"{prefix}val/score", row["val_score"])
             live.log_metric(f"{prefix}lr", row["lr"])
             live.next_step()
 
         summary = run_stage(params, logger=log)
         live.summary.update({"best_epoch": summary["best_epoch"], "best_val_score": summary["val_score"],
                              **{k: v for k, v in summary.items() if k.startswith("stage2_")},
-                             **{k: summary[k] for k in ("above_chance", "chance_score", "loss_diverged", "threads")}})
+                             **{k: summary[k] for k in ("above_chance", "chance_score", "loss_diverged", "threads",
+                                                        "protocol")}})
 
 
 if __name__ == "__main__":

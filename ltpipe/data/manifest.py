@@ -76,6 +76,9 @@ class Prepared:
     def split(self, split: str) -> "pd.DataFrame":
         return self.manifest[self.manifest["split"] == split].reset_index(drop=True)
 
+    def split_size(self, split: str) -> int:
+        return int((self.manifest["split"] == split).sum())
+
     def content_hashes(self, split: str) -> Optional[List[str]]:
         """Prepare's content hash of each image of ``split``, or None if it recorded none."""
         if "sha256" not in self.manifest:
@@ -134,7 +137,12 @@ def build(source: DatasetSource, options: Optional[PrepareOptions] = None, check
     # Groups follow the published training list, before any validation split is carved
     # from it, so head/medium/tail match the benchmark's definition.
     list_counts = class_counts(entries["train"], num_classes)
-    if "val" not in entries:
+    if "val" not in entries and options.val_fraction == 0:
+        # The papers' protocol on lists without validation (COCO-LT, VOC-LT, iNaturalist-2018): train on every
+        # listed image; training then keeps its last model (`train.select: last`).
+        entries["val"] = []
+        report["validation"] = {"none": True, "train_list_images": len(entries["train"])}
+    elif "val" not in entries:
         entries["train"], entries["val"] = carve_validation(
             entries["train"], num_classes, options.val_fraction, options.split_seed, source.multilabel)
         report["validation"] = carve_report(entries, list_counts, classes[1], options, source)
@@ -264,7 +272,9 @@ def load(prepared_dir: Path) -> Prepared:
     # Ids and names stay text even when they look like numbers (iNat ids, classes named "1").
     classes = pd.read_csv(prepared_dir / "classes.csv", keep_default_na=False,
                           dtype={"id": str, "name": str, "prompt": str})
-    return Prepared(meta["name"], meta["task"] == "multi", Path(meta["root"]), manifest, classes)
+    report_path = prepared_dir / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    return Prepared(meta["name"], meta["task"] == "multi", Path(meta["root"]), manifest, classes, report)
 
 
 def groups_for(multilabel: bool):

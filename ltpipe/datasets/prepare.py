@@ -21,7 +21,7 @@ def dataset_name(params: Params) -> str:
 PREPARE_BOUNDS = {
     "on_bad_image": {"choices": ON_BAD_IMAGE},
     "workers": {"minimum": 0},
-    "val_fraction": {"above": 0, "maximum": 0.9},
+    "val_fraction": {"minimum": 0, "maximum": 0.9},
     "split_seed": {"minimum": 0},
 }
 PREPARE_OPTIONS = make_dataclass("PrepareOptionsSpec", [
@@ -62,7 +62,11 @@ def run_stage(params: Params) -> Prepared:
         print(f"WARNING: class {dropped['name']!r} (id {dropped['id']}) has no training image and was dropped "
               f"(prepare.drop_classes_without_training): its labels on {dropped.get('val_images', 0)} validation "
               f"and {dropped['test_images']} test image(s) are left out, and so is the class from the metrics.")
-    if "validation" in report:
+    if report.get("validation", {}).get("none"):
+        listed = report["validation"]["train_list_images"]
+        print(f"  no validation split (prepare.val_fraction 0): every one of the {listed} listed training images "
+              "trains; training keeps its last model (train.select: last)")
+    elif "validation" in report:
         carve = report["validation"]
         print(f"  validation split carved from train: {carve['carved_from_train']} of {carve['train_list_images']} "
               f"images ({carve['achieved_fraction']:.3f}; prepare.val_fraction {carve['fraction']}), "

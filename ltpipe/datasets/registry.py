@@ -48,7 +48,8 @@ def _synthetic(name: str, options, out_dir: Path) -> DatasetSource:
     spec = synthetic.SyntheticSpec(**dataclasses.asdict(options))
     lists = synthetic.generate(spec, out_dir)
     root = relative_to_cwd(out_dir)
-    return DatasetSource(name, root, {split: root / lists[split] for split in ("train", "val", "test")},
+    return DatasetSource(name, root, {split: root / lists[split] if split in lists else None
+                                      for split in ("train", "val", "test")},
                          root / lists["classnames"], spec.multilabel)
 
 

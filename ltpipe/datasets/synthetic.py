@@ -45,7 +45,7 @@ class SyntheticSpec:
     classes: int = option(24, minimum=2, maximum=MAX_CLASSES, doc="shape x colour x pattern combinations")
     imbalance: float = option(100.0, minimum=1, doc="n_max / n_min of the training split")
     max_per_class: int = option(300, minimum=1, doc="training images of the most frequent class")
-    val_per_class: int = option(10, minimum=1)
+    val_per_class: int = option(10, minimum=0, doc="0: no validation list (as COCO-LT; `prepare.val_fraction`)")
     test_per_class: int = option(30, minimum=1)
     image_size: int = option(64, minimum=16, doc="pixels")
     seed: int = option(0, minimum=0)
@@ -162,6 +162,8 @@ def generate(spec: SyntheticSpec, out_dir: Path) -> dict:
 
     lists = {}
     for split in SPLITS:
+        if split == "val" and not spec.val_per_class:
+            continue
         if split == "train":
             primaries = [c for c, n in enumerate(train_counts) for _ in range(n)]
         else:

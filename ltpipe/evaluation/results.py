@@ -8,7 +8,7 @@ head, loss, sampler, stage-2 method, seed and the feature cache it read), so
 
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -106,10 +106,15 @@ def logit_adjust(logits: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarra
     return logits - tau * prior
 
 
-def check_posthoc(params: Params, multilabel: bool) -> str:
-    """`evaluate.posthoc`, refused where it cannot apply. The train stage calls this too, to
-    validate only (it never uses the value), so the refusal comes before training."""
+def check_posthoc(params: Params, multilabel: bool, val_images: Optional[int] = None) -> str:
+    """`evaluate.posthoc`, refused where it cannot apply (``val_images``: the validation split's size,
+    when known). The train stage calls this too, to validate only (it never uses the value), so the
+    refusal comes before training."""
     posthoc = params.str("evaluate.posthoc", choices=POSTHOC)
+    if posthoc == "logit_adjust" and val_images == 0:
+        raise ConfigError("`evaluate.posthoc: logit_adjust` chooses its tau on the validation split, and there is "
+                          "none (`prepare.val_fraction: 0`): set `evaluate.posthoc: none`, or carve a validation "
+                          "split with `prepare.val_fraction` > 0.")
     if posthoc == "logit_adjust" and multilabel:
         raise ConfigError("`evaluate.posthoc: logit_adjust` is single-label only: on a multi-label task it would "
                           "shift each class's logits by a constant, which leaves mAP unchanged, so tau could not be "

@@ -207,6 +207,8 @@ def extract_rows(model, dataset: Dataset, name: str, root: Path, paths: List[str
     run's. Under ``torchrun`` each process takes every ``world``-th shard and rank 0
     assembles.
     """
+    if not paths:
+        return _write_empty(out_path, labels, attrs, options, model, workers)
     per_shard = shard_size(options)
     num_shards = max(1, math.ceil(len(paths) / per_shard))
     fingerprint = work_fingerprint(name, root, paths, attrs, options, precision, device, content_hashes(dataset))
@@ -241,6 +243,23 @@ def extract_rows(model, dataset: Dataset, name: str, root: Path, paths: List[str
     return {"images": len(paths), "resumed_images": resumed, "seconds": round(seconds, 3),
             "images_per_second": round((computed or len(paths)) / max(seconds, 1e-9), 1),
             "skipped_images": len(skipped), "skipped": skipped[:20]}
+
+
+def _write_empty(out_path: Path, labels: np.ndarray, attrs: Dict, options: ExtractOptions, model,
+                 workers: Workers) -> Dict:
+    """A split without images (no validation split: `prepare.val_fraction: 0`): a file of zero rows with
+    the train split's feature shapes, extracted before it, so every reader opens it as any other split."""
+    if workers.rank == 0:
+        import h5py  # as store does
+
+        with h5py.File(out_path.parent / "train.h5", "r") as train:
+            pooled_dim = train["pooled"].shape[1]
+            token_shape = train["tokens"].shape[1:] if "tokens" in train else None
+        store.SplitWriter(out_path, pooled_dim, token_shape, labels, [], options.dtype,
+                          dict(attrs, token_layer=_token_layer_attr(model.visual, options))).commit()
+    workers.barrier()
+    return {"images": 0, "resumed_images": 0, "seconds": 0.0, "images_per_second": 0.0, "skipped_images": 0,
+            "skipped": []}
 
 
 def _draft_size(model, options: ExtractOptions) -> Optional[int]:

@@ -37,7 +37,7 @@ from ltpipe.features.extract import ImageFiles, Workers, distributed_workers
 from ltpipe.finetune import model as ft_model
 from ltpipe.finetune import modes
 from ltpipe.finetune.train import FinetuneConfig, finetune
-from ltpipe.training.loop import class_counts, match_head_to_loss
+from ltpipe.training.loop import class_counts, match_head_to_loss, protocol
 from ltpipe.training.samplers import SAMPLERS
 from ltpipe.training.spec import read_run_spec
 
@@ -140,6 +140,7 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
 
     val_labels = prepared.label_array("val")
     val_images = images("val", preprocess)
+    run_protocol = protocol(prepared, len(val_labels), "last", cfg.schedule, "finetune.train")
 
     def validate(m) -> Optional[float]:
         logits = predict_images(m, val_images, cfg.micro_batch, device, precision, workers, cfg.workers)
@@ -155,7 +156,8 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     with logger_cm as log_step:
         summary = finetune(model, loss_fn, SAMPLERS.get(choice.sampler), images("train", None), labels,
                            prepared.num_classes, cfg, choice.seed, device, precision, workers, work_dir,
-                           log_step, validate)
+                           log_step, validate if len(val_labels) else None)
+    summary["protocol"] = run_protocol
     test_logits = predict_images(model, images("test", preprocess), cfg.micro_batch, device, precision, workers,
                                  cfg.workers)
     if workers.rank == 0:
@@ -173,7 +175,8 @@ def save_results(model, mode, choice, cfg: FinetuneConfig, prepared: manifest.Pr
     run = dict(choice.identity(), mode=mode_name, posthoc="none", posthoc_tau=None, threads=torch.get_num_threads())
     ft_model.save_finetuned(paths.FINETUNE_DIR / f"{mode_name}.pt", model, mode, choice.head, weights.sha256, run)
     cache = model_id(weights.arch, weights.pretrained, weights.sha256)
-    fields = dict(dataset=prepared.name, task=prepared.task, **run, features=f"{cache}+finetune")
+    fields = dict(dataset=prepared.name, task=prepared.task, **run, features=f"{cache}+finetune",
+                  protocol=summary["protocol"])
     result = write_metrics(test_logits, prepared.label_array("test"), prepared, fields, mode_name,
                            paths.FINETUNE_METRICS_DIR)
     report = dict(summary, config=asdict(cfg),

@@ -1,8 +1,8 @@
 """The end-to-end fine-tuning loop, on one process or many (``torchrun``).
 
-Losses, samplers, heads and the warm-up + cosine schedule are the cached path's own
+Losses, samplers, heads and the learning-rate schedules are the cached path's own
 (:mod:`ltpipe.losses`, :mod:`ltpipe.training.samplers`, :mod:`ltpipe.heads`,
-:func:`ltpipe.training.loop.warmup_cosine`); this module adds what images need.
+:data:`ltpipe.training.trainer.SCHEDULES`); this module adds what images need.
 
 * **Global batch.** Each step draws ``batch_size`` indices from the sampler's epoch
   order, whatever the number of processes: the batch is split into
@@ -52,7 +52,7 @@ from ltpipe.features.image_files import ImageFiles
 from ltpipe.training.loop import build_optimizer, progress_bar
 from ltpipe.training.samplers import class_members
 from ltpipe.training.spec import OPTIMIZERS
-from ltpipe.training.trainer import LoopOptions, Plan, Trainer, WeightAverage, batches_of
+from ltpipe.training.trainer import SCHEDULES, LoopOptions, Plan, Trainer, WeightAverage, batches_of
 
 # Embeddings and learned prompt vectors are exempt from weight decay, as are biases and norms.
 NO_DECAY = ("positional_embedding", "class_embedding", "prompts.tokens", "head.context")
@@ -71,6 +71,9 @@ class FinetuneConfig:
     head_lr: float = option(1e-3, above=0, doc="what fine-tuning adds: the head, VPT prompts, CoOp context")
     weight_decay: float = option(0.05, minimum=0)
     warmup_epochs: float = option(1.0, minimum=0)
+    warmup_iterations: Optional[int] = option(None, minimum=0, doc="warm-up steps; when set, replaces warmup_epochs")
+    schedule: str = option("cosine", choices=tuple(SCHEDULES),
+                           doc="cosine | cosine_7_16 | onecycle, as `train.schedule`")
     momentum: float = option(0.9, minimum=0, maximum=1, doc="sgd only")
     clip_grad_norm: float = option(1.0, minimum=0, doc="0: off")
     ema: float = option(0.0, minimum=0, maximum=0.999999,  # 1 would never move from the start
@@ -183,7 +186,8 @@ def plan_run(num_images: int, cfg: FinetuneConfig, world: int) -> Tuple[Plan, in
         raise ConfigError(f"`finetune.train.batch_size` ({cfg.batch_size}) must give each of the {world} "
                           "processes at least one image per micro-batch: raise it (or `micro_batch`, for fewer "
                           "accumulation steps), or use fewer processes.")
-    return Plan.make(num_images, cfg.batch_size, cfg.epochs, cfg.iterations, cfg.warmup_epochs, "drop"), accumulation
+    return Plan.make(num_images, cfg.batch_size, cfg.epochs, cfg.iterations, cfg.warmup_epochs, "drop",
+                     cfg.warmup_iterations), accumulation
 
 
 def image_feed(views: AugmentedViews, sampler: Callable, labels: np.ndarray, num_classes: int, cfg: FinetuneConfig,
@@ -223,8 +227,8 @@ def resumed_trainer(model, loss_fn: nn.Module, cfg: FinetuneConfig, plan: Plan, 
         return (f"the fine-tuning loss became {loss} at step {step}. Lower `finetune.train.lr` / `head_lr` (now "
                 f"{cfg.lr} / {cfg.head_lr}); the last checkpoint ({resume.path}) is kept.")
 
-    options = LoopOptions(select="last", ema=cfg.ema, clip_grad_norm=cfg.clip_grad_norm, precision=precision,
-                          world=workers.world, nonfinite=nonfinite)
+    options = LoopOptions(select="last", schedule=cfg.schedule, ema=cfg.ema, clip_grad_norm=cfg.clip_grad_norm,
+                          precision=precision, world=workers.world, nonfinite=nonfinite)
     trainer = Trainer(model, loss_fn, make_optimizer(model, cfg), plan, device, options)
     if workers.world > 1 and workers.rank > 0:
         torch.manual_seed(seed + 7919 * workers.rank)  # dropout masks differ across processes

@@ -97,9 +97,11 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
     labels = train_data.labels
     members = class_members(labels, num_classes)
     target = torch.from_numpy(labels.astype(np.float32) if multilabel else labels.astype(np.int64))
-    plan = Plan.make(len(train_data), cfg.batch_size, cfg.epochs, cfg.iterations, cfg.warmup_epochs, "keep")
+    plan = Plan.make(len(train_data), cfg.batch_size, cfg.epochs, cfg.iterations, cfg.warmup_epochs, "keep",
+                     cfg.warmup_iterations)
     if plan.warmup_steps >= plan.total_steps:
-        print(f"WARNING: the warm-up ({plan.warmup_steps} steps, `{cfg.key}.warmup_epochs`) covers all "
+        warmup_key = "warmup_iterations" if cfg.warmup_iterations is not None else "warmup_epochs"
+        print(f"WARNING: the warm-up ({plan.warmup_steps} steps, `{cfg.key}.{warmup_key}`) covers all "
               f"{plan.total_steps} training steps: the learning rate never reaches `{cfg.key}.lr` nor decays.")
 
     def nonfinite(loss: float, epoch: int, step: int) -> str:
@@ -107,7 +109,8 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
                 "the feature cache for NaN values.")
 
     # An exponential moving average of the weights (CPRFL's official code: 0.998) is what is validated and kept.
-    options = LoopOptions(select="best_val", ema=getattr(head, "ema_decay", 0.0), nonfinite=nonfinite)
+    options = LoopOptions(select=cfg.select, schedule=cfg.schedule, ema=getattr(head, "ema_decay", 0.0),
+                          nonfinite=nonfinite)
     trainer = Trainer(head, loss_fn, make_optimizer(head, cfg), plan, device, options)
     last_order = []
 
@@ -141,16 +144,27 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
         if logger is not None:
             logger(row)
         outcome = trainer.outcome
-        bar.set_postfix_str(f"loss {row['train_loss']:.4g}, val {row['val_score']:.4f}, best "
-                            f"{outcome.best_score:.4f} (epoch {outcome.best_epoch})", refresh=False)
+        status = f"loss {row['train_loss']:.4g}"
+        if row["val_score"] is not None:
+            status += f", val {row['val_score']:.4f}"
+        if outcome.best_score is not None:
+            status += f", best {outcome.best_score:.4f} (epoch {outcome.best_epoch})"
+        bar.set_postfix_str(status, refresh=False)
         bar.update()
 
+    def validate(model: nn.Module) -> Optional[float]:
+        if not len(val_labels):  # no validation split (`prepare.val_fraction: 0`): `select: last`
+            return None
+        return metrics.selection_score(predict(model, val_data), val_labels, multilabel)
+
     try:
-        outcome = trainer.run(feed, lambda model: metrics.selection_score(predict(model, val_data), val_labels,
-                                                                          multilabel), on_epoch=on_epoch)
+        outcome = trainer.run(feed, validate, on_epoch=on_epoch)
     finally:
         bar.close()  # ends the bar's line before any error's
-    result = TrainResult(outcome.best_state, outcome.best_epoch, outcome.best_score, history)
+    if cfg.select == "last":  # the weights the run ended with (the EMA's, if any), whatever validation said
+        result = TrainResult(copy.deepcopy(head.state_dict()), plan.epochs - 1, outcome.last_score, history)
+    else:
+        result = TrainResult(outcome.best_state, outcome.best_epoch, outcome.best_score, history)
     # On the rows the sampler drew last: a re-weighted loss under re-sampling weighs them differently.
     result.uninformative_loss = uninformative_loss(loss_fn, target[torch.from_numpy(last_order[0])], num_classes,
                                                    device)
@@ -185,7 +199,7 @@ def fit_without_gradients(head_name: str, head: nn.Module, train_feats: SplitFea
     if heads.HEADS.capability(head_name, "fits"):
         head.fit(train_feats.pooled, train_feats.labels)
     head.to(val_data.device)
-    score = metrics.selection_score(predict(head, val_data), val_labels, multilabel)
+    score = metrics.selection_score(predict(head, val_data), val_labels, multilabel) if len(val_labels) else None
     return TrainResult(copy.deepcopy(head.state_dict()), 0, score)
 
 
@@ -212,7 +226,12 @@ def check_outcome(score: float, val_labels: np.ndarray, multilabel: bool, diverg
                   lr: Optional[float], lr_key: str = "train.lr") -> Dict:
     """Did the kept model learn anything? Prints a WARNING when its validation ``score`` is not
     above chance (``metrics.chance_score``) or a training loss diverged; returns the flags the
-    training summary records."""
+    training summary records. Without a validation split (``score`` None) only divergence is checked."""
+    if score is None:
+        for reason in diverged:
+            print(f"WARNING: training diverged without the loss becoming NaN: {reason}. Likely fix: lower "
+                  f"`{lr_key}` (now {lr:g}), or check the features and labels.")
+        return {"above_chance": None, "chance_score": None, "loss_diverged": bool(diverged)}
     chance = metrics.chance_score(val_labels, multilabel)
     above = metrics.above_chance(score, chance)
     fix = (f"lower `{lr_key}` (now {lr:g}), or check the features and labels" if lr is not None
@@ -265,7 +284,8 @@ def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head
 
     When stage 2's best validation score is below the stage-1 head's, the model returned is the
     stage-1 head itself (``kept`` false, with a WARNING): a two-stage method never ships a model
-    that validates worse than the one it started from. The summary has ``val_score`` (stage 2's
+    that validates worse than the one it started from (under ``select: last`` stage 2 is kept: no
+    validation decides). The summary has ``val_score`` (stage 2's
     best), ``stage1_val_score``, ``kept`` and the method's choice (``best_epoch``, or ``tau``), and
     ``loss_diverged`` (a reason, or ``None``) for methods that train.
     """
@@ -281,7 +301,8 @@ def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head
     val_h = FeatureInput(stage2.MemoryFeatures(stage2.representations(head, val_input), val_labels,
                                                "stage-1 val representation", attrs), "pooled", device)
     # Scored on the same representation as stage 2, so equal models score exactly equal.
-    stage1_score = metrics.selection_score(predict(stage2.Stage1Classifier(head), val_h), val_labels, multilabel)
+    stage1_score = (metrics.selection_score(predict(stage2.Stage1Classifier(head), val_h), val_labels, multilabel)
+                    if len(val_labels) else None)
     if loss_fn is None:
         summary = stage2.choose_tau(model, val_h, val_labels, multilabel)
     else:
@@ -291,7 +312,8 @@ def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head
                        desc=f"stage 2 {choice.name}")
         summary = {"best_epoch": result.best_epoch, "val_score": result.best_score,
                    "loss_diverged": loss_diverged(result)}
-    kept = summary["val_score"] >= stage1_score
+    # `select: last`: stage 2 is the method asked for, kept whatever validation says.
+    kept = cfg.select == "last" or summary["val_score"] >= stage1_score
     summary.update(stage1_val_score=stage1_score, kept=kept)
     if not kept:
         print(f"WARNING: stage 2 {choice.name} validates worse than the stage-1 head (validation score "
@@ -299,6 +321,21 @@ def train_stage2(choice: stage2.Stage2Choice, loss_fn: Optional[nn.Module], head
               f"without {choice.name} (`stage2_kept: false` in metrics/train/metrics.json).")
         return head, summary
     return model, summary
+
+
+def protocol(prepared: manifest.Prepared, val_rows: int, select: str, schedule: str, key: str) -> Dict:
+    """How the run is validated and what it keeps, recorded in its metrics: ``validation`` is ``given``
+    (the dataset's list), ``carved`` (from train, `prepare.val_fraction`) or ``none``. Without validation
+    rows, ``select: best_val`` has nothing to select on and is refused (a model is never picked on test)."""
+    validation = prepared.report.get("validation", {})
+    source = "none" if not val_rows else "carved" if "carved_from_train" in validation else "given"
+    if source == "none" and select == "best_val":
+        why = ("`prepare.val_fraction` is 0" if validation.get("none") else
+               "every validation image was left out")
+        raise ConfigError(f"there is no validation split ({why}), so `{key}.select: best_val` has nothing to "
+                          f"choose on: set `{key}.select: last` (keep the last model, as the papers do on lists "
+                          "without validation), or carve one with `prepare.val_fraction` > 0.")
+    return {"validation": source, "select": select, "schedule": schedule}
 
 
 def fit(spec: RunSpec, prepared: manifest.Prepared, logger=None):
@@ -312,6 +349,11 @@ def fit(spec: RunSpec, prepared: manifest.Prepared, logger=None):
     train_feats = SplitFeatures(paths.FEATURES_DIR / "train.h5")
     val_feats = SplitFeatures(paths.FEATURES_DIR / "val.h5")
     check_features(train_feats, prepared)
+    run_protocol = protocol(prepared, len(val_feats.labels), cfg.select, cfg.schedule, cfg.key)
+    if spec.stage2 is not None and spec.stage2.loss is None and run_protocol["validation"] == "none":
+        raise ConfigError(f"`stage2: {spec.stage2.name}` chooses its tau on the validation split, and there is "
+                          "none (`prepare.val_fraction: 0`): carve one with `prepare.val_fraction` > 0, or use a "
+                          "stage-2 method that trains (`python -m ltpipe list stage2`).")
     text = TextFeatures(paths.FEATURES_DIR / "text.h5")
     ctx = heads.HeadContext(prepared.num_classes, train_feats.pooled.shape[1], train_feats.token_shape,
                             text.embeddings, text.logit_scale,
@@ -341,17 +383,23 @@ def fit(spec: RunSpec, prepared: manifest.Prepared, logger=None):
                        seed, multilabel, prepared.num_classes, device, logger, desc=f"train {spec.head}")
     else:
         result = fit_without_gradients(spec.head, head, train_feats, val_input, val_feats.labels, multilabel)
-    summary = {"best_epoch": result.best_epoch, "val_score": result.best_score, "threads": threads}
-    print(f"trained {spec.head} with {spec.loss}: best validation score {result.best_score:.4f} "
-          f"at epoch {result.best_epoch}")
+    summary = {"best_epoch": result.best_epoch, "val_score": result.best_score, "threads": threads,
+               "protocol": run_protocol}
+    if cfg.select == "last":
+        scored = "" if result.best_score is None else f", validation score {result.best_score:.4f}"
+        print(f"trained {spec.head} with {spec.loss}: kept the last model (epoch {result.best_epoch}{scored})")
+    else:
+        print(f"trained {spec.head} with {spec.loss}: best validation score {result.best_score:.4f} "
+              f"at epoch {result.best_epoch}")
     model, kept_score = head, result.best_score
     diverged = [reason for reason in [loss_diverged(result)] if reason]
     if second is not None:
         model, extra = train_stage2(second, second_loss, head, train_input, val_input, val_feats.labels, cfg, seed,
                                     multilabel, prepared.num_classes, device, logger)
         method = {k: v for k, v in extra.items() if k in ("best_epoch", "tau")}
-        print(f"stage 2 {second.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in method.items())
-              + f", validation score {extra['val_score']:.4f} (stage 1: {extra['stage1_val_score']:.4f})"
+        scores = ("" if extra["val_score"] is None else
+                  f", validation score {extra['val_score']:.4f} (stage 1: {extra['stage1_val_score']:.4f})")
+        print(f"stage 2 {second.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in method.items()) + scores
               + ("" if extra["kept"] else "; not kept"))
         summary.update({f"stage2_{k}": v for k, v in method.items()})
         summary.update(stage2_val_score=extra["val_score"], stage2_kept=extra["kept"])
@@ -374,7 +422,7 @@ def run_stage(params: Params, logger=None) -> Dict:
     spec = read_run_spec(params, task)
     # Validate-only: `evaluate.posthoc` is used by `evaluate` alone (and is not a dependency of
     # train), but a choice that cannot apply to this task must fail before training, not after it.
-    check_posthoc(params, task == "multi")
+    check_posthoc(params, task == "multi", prepared.split_size("val"))
     model, summary = fit(spec, prepared, logger)
     run = spec.identity()
     saved_stage2 = run["stage2"]

@@ -15,6 +15,7 @@ from ltpipe.core.runtime import read_threads
 from ltpipe.features.token_reader import TOKEN_CACHES
 from ltpipe.training import stage2
 from ltpipe.training.samplers import SAMPLERS
+from ltpipe.training.trainer import SCHEDULES, SELECTIONS
 
 OPTIMIZERS = ("adamw", "sgd")
 SHUFFLES = ("rows", "blocks")
@@ -33,6 +34,14 @@ class TrainConfig:
     warmup_epochs: float = option(1.0, minimum=0)
     momentum: float = option(0.9, minimum=0, maximum=1, doc="sgd only")
     iterations: Optional[int] = option(None, minimum=1, doc="optimiser steps; when set, replaces epochs")
+    warmup_iterations: Optional[int] = option(None, minimum=0, doc="warm-up steps; when set, replaces warmup_epochs")
+    schedule: str = option("cosine", choices=tuple(SCHEDULES),
+                           doc="cosine: warm-up then cosine to 0; cosine_7_16: Imbalance-VLM's (warm-up then "
+                               "max(0, cos(pi 7/16 t)), ends at 0.195 lr); onecycle: CPRFL's (torch's OneCycleLR, "
+                               "rising over the warm-up)")
+    select: str = option("best_val", choices=SELECTIONS,
+                         doc="the model kept: best_val (best validation score over epochs) or last (needed "
+                             "without a validation split)")
     token_cache: str = option("auto", choices=TOKEN_CACHES,
                               doc="token grids of the training split: memory, disk (read a batch ahead), or auto: "
                                   "memory when they take at most half of MemAvailable")

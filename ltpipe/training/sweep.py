@@ -48,4 +48,5 @@ def run_cell(params: Params, head: str, loss: str, seed: int) -> Dict:
     logits = predict(model.to(device), FeatureInput(test, model.input, device))
     fields = run_fields(dict(spec.identity(), posthoc="none", posthoc_tau=None, threads=summary["threads"]),
                         prepared, test)
+    fields["protocol"] = summary["protocol"]
     return write_metrics(logits, test.labels, prepared, fields, name, paths.SWEEP_DIR, per_class=False)

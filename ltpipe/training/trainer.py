@@ -22,8 +22,10 @@ Policies, and why each path uses the value it does:
 * **EMA** (``ema`` > 0): an exponential moving average of the trainable weights, started from the
   initial weights and updated after every optimiser step, as CPRFL's ``ModelEma``; the average is
   what is validated and kept.
-* **Schedule**: linear warm-up over ``warmup_epochs`` then cosine decay to zero, per step
-  (:func:`warmup_cosine`); ``iterations`` replaces ``epochs`` when set.
+* **Schedule** (:data:`SCHEDULES`, per step): ``cosine``, linear warm-up then cosine decay to zero
+  (:func:`warmup_cosine`); ``cosine_7_16``, Imbalance-VLM's (:func:`warmup_cosine_7_16`); ``onecycle``,
+  CPRFL's (torch's ``OneCycleLR``). ``iterations`` replaces ``epochs`` and ``warmup_iterations``
+  replaces ``warmup_epochs`` when set.
 * Losses that change over training (LDAM's deferred re-weighting) get
   ``set_progress(step, total_steps)`` before every step's forward pass.
 """
@@ -38,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ltpipe.core.errors import TrainingError
+from ltpipe.core.errors import ConfigError, TrainingError
 from ltpipe.core.runtime import autocast
 
 # One micro-batch of a step: inputs on the device, targets, its share of the step's batch, and whether it
@@ -59,6 +61,46 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def warmup_cosine_7_16(total_steps: int, warmup_steps: int):
+    """Imbalance-VLM's schedule (USB's ``get_cosine_schedule_with_warmup``, ``num_cycles=7/16``):
+    ``step / warmup`` during the warm-up (0 at the first step), then ``max(0, cos(pi * 7/16 * t))``
+    with ``t`` the share of the steps after the warm-up: the last factor is cos(7 pi / 16) ~ 0.195, not 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, math.cos(math.pi * 7.0 / 16.0 * progress))
+
+    return factor
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, plan: "Plan") -> torch.optim.lr_scheduler.LRScheduler:
+    """CPRFL's ``OneCycleLR(max_lr=lr, pct_start=0.1)`` with torch's other defaults (start at lr / 25,
+    cosine up and down, end at lr / 25 / 1e4, momentum or Adam's beta1 cycled 0.95 -> 0.85 -> 0.95); the
+    rise is the warm-up's share of the steps. Each parameter group peaks at its own learning rate."""
+    if plan.warmup_steps > plan.total_steps:
+        raise ConfigError(f"the one-cycle schedule rises over the warm-up ({plan.warmup_steps} steps), longer than "
+                          f"the run ({plan.total_steps} steps). Shorten the warm-up (`warmup_epochs` or "
+                          "`warmup_iterations`; CPRFL: a tenth of the run).")
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+                                               total_steps=plan.total_steps,
+                                               pct_start=plan.warmup_steps / plan.total_steps)
+
+
+# The learning-rate schedules by the names users type (`train.schedule`, `finetune.train.schedule`).
+SCHEDULES: Dict[str, Callable[[torch.optim.Optimizer, "Plan"], torch.optim.lr_scheduler.LRScheduler]] = {
+    "cosine": lambda optimizer, plan: torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(plan.total_steps, plan.warmup_steps)),
+    "cosine_7_16": lambda optimizer, plan: torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine_7_16(plan.total_steps, plan.warmup_steps)),
+    "onecycle": one_cycle,
+}
+
+# What `select` keeps: the state with the best validation score, or the last one.
+SELECTIONS = ("best_val", "last")
+
+
 @dataclass(frozen=True)
 class Plan:
     """Steps of a run, fixed by the data size and the schedule options."""
@@ -70,10 +112,11 @@ class Plan:
 
     @classmethod
     def make(cls, rows: int, batch_size: int, epochs: int, iterations: Optional[int], warmup_epochs: float,
-             last_batch: str) -> "Plan":
+             last_batch: str, warmup_iterations: Optional[int] = None) -> "Plan":
         steps_per_epoch = math.ceil(rows / batch_size) if last_batch == "keep" else rows // batch_size
         total = iterations or epochs * steps_per_epoch
-        return cls(steps_per_epoch, total, math.ceil(total / steps_per_epoch), round(warmup_epochs * steps_per_epoch))
+        warmup = warmup_iterations if warmup_iterations is not None else round(warmup_epochs * steps_per_epoch)
+        return cls(steps_per_epoch, total, math.ceil(total / steps_per_epoch), warmup)
 
     def epoch_steps(self, step: int) -> Tuple[int, int, int]:
         """``(epoch, first, end)``: the epoch of ``step`` and its step range ``[first, end)`` within it."""
@@ -121,7 +164,8 @@ class WeightAverage:
 class LoopOptions:
     """How one run trains, besides its feed, model, loss and optimiser (see the module docstring)."""
 
-    select: str = "best_val"  # best_val | last
+    select: str = "best_val"  # SELECTIONS
+    schedule: str = "cosine"  # a key of SCHEDULES
     ema: float = 0.0  # decay of the weight average; 0: off
     clip_grad_norm: float = 0.0  # 0: off
     precision: str = "fp32"  # autocast precision; fp16 adds a gradient scaler
@@ -151,8 +195,7 @@ class Trainer:
         self.model, self.loss_fn, self.optimizer, self.plan = model, loss_fn, optimizer, plan
         self.device, self.options = device, options
         self.trained = trained if trained is not None else model
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan.total_steps,
-                                                                                   plan.warmup_steps))
+        self.schedule = SCHEDULES[options.schedule](optimizer, plan)
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
         self.ema = WeightAverage(model, options.ema) if options.ema > 0 else None
         self.trainable = [p for p in model.parameters() if p.requires_grad]
