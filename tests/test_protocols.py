@@ -1,9 +1,11 @@
 """The papers' protocols: their learning-rate schedules, training on the whole published train list
 without a validation split, and `select: last` (issue 18)."""
 
+import json
 import math
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from ltpipe.training.samplers import SAMPLERS
 from ltpipe.training.spec import TrainConfig
 from ltpipe.training.stage2 import MemoryFeatures
 from ltpipe.training.trainer import SCHEDULES, LoopOptions, Plan, Trainer
+from tests import dvc_repo
 from tests.test_heads_training import context
 
 
@@ -181,3 +184,42 @@ def test_protocol_names_the_validation_and_refuses_best_val_without_one(tmp_path
                                           r"`sweep.train.select: best_val` has nothing to choose on: set "
                                           r"`sweep.train.select: last`"):
         protocol(none, 0, "best_val", "cosine", "sweep.train")
+
+
+@pytest.mark.slow
+def test_pipeline_without_validation_trains_every_listed_image_and_records_the_protocol(tmp_path):
+    """COCO-LT's protocol at tiny scale through `dvc repro`: no validation list, every listed training
+    image trains (CPRFL head, ASL, one-cycle schedule), the last model is kept and the metrics say so."""
+    overrides = dict(dvc_repo.SMALL)
+    overrides["datasets.synthetic_ml"] = dict(overrides["datasets.synthetic_ml"], val_per_class=0)
+    overrides["prepare"] = {"val_fraction": 0}
+    overrides["train"] = dict(epochs=3, schedule="onecycle", warmup_epochs=0.5, select="last")
+    overrides["sweep"] = dict(overrides["sweep"], losses=["asl"], seeds=[0])
+    overrides["sweep.train"] = dict(epochs=2, select="last")
+    overrides["heads.cprfl"] = dict(dim=16, heads=2, head_dim=8, ffn=16)
+    repo = dvc_repo.make(tmp_path / "repo", overrides)
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("dataset: synthetic\n", "dataset: synthetic_ml\n", 1)
+                      .replace("head: cosine\n", "head: cprfl\n", 1).replace("loss: ce\n", "loss: asl\n", 1))
+    out = dvc_repo.run(repo, "dvc", "repro").stdout
+    assert "no validation split (prepare.val_fraction 0)" in out and "kept the last model (epoch 2)" in out
+
+    listed = len((repo / "data/prepared/train.txt").read_text().splitlines())
+    with h5py.File(repo / "data/features/train.h5", "r") as train_file, \
+            h5py.File(repo / "data/features/val.h5", "r") as val_file:
+        assert len(train_file["labels"]) == listed and len(val_file["labels"]) == 0
+        assert val_file["tokens"].shape[1:] == train_file["tokens"].shape[1:]
+    expected = {"validation": "none", "select": "last", "schedule": "onecycle"}
+    train_metrics = json.loads((repo / "metrics/train/metrics.json").read_text())
+    assert train_metrics["protocol"] == expected and train_metrics["best_val_score"] is None
+    assert not (repo / "metrics/train/plots/metrics/val").exists()  # no validation curve
+    cell = json.loads((repo / "metrics/sweep/cosine-asl-0.json").read_text())
+    assert cell["protocol"] == dict(expected, schedule="cosine")
+    assert json.loads((repo / "metrics/eval.json").read_text())["mAP"] >= 0
+
+    # What needs validation is refused with its fix, before any training.
+    params.write_text(params.read_text().replace("select: last\n", "select: best_val\n", 1))
+    failed = dvc_repo.run(repo, "dvc", "repro", "train", check=False)
+    assert failed.returncode != 0
+    assert ("ltpipe error: there is no validation split (`prepare.val_fraction` is 0), so `train.select: best_val` "
+            "has nothing to choose on: set `train.select: last`") in failed.stdout + failed.stderr
