@@ -17,10 +17,10 @@ from ltpipe.data.source import DatasetSource, PrepareOptions
 from ltpipe.datasets import synthetic
 from ltpipe.evaluation.inference import FeatureInput
 from ltpipe.features.store import SplitFeatures
-from ltpipe.training.loop import protocol, train
+from ltpipe.training.loop import protocol, train, train_stage2
 from ltpipe.training.samplers import SAMPLERS
 from ltpipe.training.spec import TrainConfig
-from ltpipe.training.stage2 import MemoryFeatures
+from ltpipe.training.stage2 import MemoryFeatures, Stage2Choice
 from ltpipe.training.trainer import SCHEDULES, LoopOptions, Plan, Trainer
 from tests import dvc_repo
 from tests.test_heads_training import context
@@ -223,3 +223,21 @@ def test_pipeline_without_validation_trains_every_listed_image_and_records_the_p
     assert failed.returncode != 0
     assert ("ltpipe error: there is no validation split (`prepare.val_fraction` is 0), so `train.select: best_val` "
             "has nothing to choose on: set `train.select: last`") in failed.stdout + failed.stderr
+
+
+@pytest.mark.parametrize("method", ["crt", "marc"])
+def test_stage_two_without_validation_is_kept_and_trains(tiny_features, tiny_prepared, method):
+    torch.manual_seed(0)
+    head = heads.build("cosine", None, context(tiny_features, tiny_prepared.num_classes))
+    tr = SplitFeatures(tiny_features / "train.h5")
+    va = SplitFeatures(tiny_features / "val.h5")
+    cpu = torch.device("cpu")
+    empty = MemoryFeatures(va.pooled[:0], va.labels[:0], "val", dict(va.attrs))
+    choice = Stage2Choice(method, "ce", "class_balanced")
+    loss = losses.build("ce", "single", None, tiny_prepared.classes["train_count"].to_numpy())
+    cfg = TrainConfig(epochs=2, batch_size=32, select="last")
+    model, summary = train_stage2(choice, loss, head, FeatureInput(tr, "pooled", cpu),
+                                  FeatureInput(empty, "pooled", cpu), va.labels[:0], cfg, 0, False,
+                                  tiny_prepared.num_classes, cpu)
+    assert summary["kept"] and summary["val_score"] is None and summary["stage1_val_score"] is None
+    assert model is not head and summary["best_epoch"] == 1
