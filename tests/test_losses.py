@@ -255,6 +255,16 @@ def test_ldam_by_hand():
         assert loss(LOGITS, TARGET).item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_ldam_without_scale_is_imbalance_vlms_margin_on_raw_logits():
+    # Imbalance-VLM's ldam_loss (utils.py:63-73): CE(z - m_y * onehot(y), y) on plain linear logits,
+    # s declared but unused, no DRW; `s: null, drw: false` is that loss.
+    m = ldam_margins(0.5)
+    expected = sum(row_ce([z - (m[c] if c == y else 0.0) for c, z in enumerate(r)], y) / 2 for r, y in rows())
+    loss = build("ldam", s=None, drw=False)
+    assert loss.head_scale is None
+    assert loss(LOGITS, TARGET).item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_ldam_drw_schedule_and_weights_by_hand():
     loss = build("ldam", s=2.0, max_m=0.4, drw_beta=0.99)
     m = ldam_margins(0.4)

@@ -229,6 +229,10 @@ def test_ldam_style_losses_need_a_cosine_head():
     match_head_to_loss("cosine", cosine, "ldam", NeedsScale())
     assert cosine.classifier.log_scale.exp().item() == pytest.approx(30.0)
     assert not cosine.classifier.log_scale.requires_grad
+    # Without a scale (Imbalance-VLM's LDAM) any head is fine and nothing is fixed.
+    NeedsScale.head_scale = None
+    match_head_to_loss("linear", linear, "ldam", NeedsScale())
+    assert all(p.requires_grad for p in linear.parameters())
 
 
 def test_posthoc_logit_adjustment_by_hand():

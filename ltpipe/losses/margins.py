@@ -13,6 +13,7 @@ scale ``s`` of ``logits = s * cos`` that the training code gives that head.
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -61,12 +62,14 @@ class LDAMLoss(nn.Module):
     had no DRW schedule, and built the margin with a uint8 mask and
     ``torch.cuda.DoubleTensor`` (CUDA only, float64 logits). Here the scale is applied
     through the cosine head, DRW is on by default, and everything runs on any device in
-    the logits' dtype.
+    the logits' dtype. ``s = None`` is Imbalance-VLM's variant (its presets set it, with
+    ``drw: false``): the margin ``m_y`` itself is subtracted from the raw logits of any
+    head, ``CE(z - m_y * onehot(y), y)``, and no head scale is fixed.
     """
 
-    head_scale: float = 30.0
+    head_scale: Optional[float] = 30.0
 
-    def __init__(self, class_counts: np.ndarray, max_m: float = 0.5, s: float = 30.0, drw: bool = True,
+    def __init__(self, class_counts: np.ndarray, max_m: float = 0.5, s: Optional[float] = 30.0, drw: bool = True,
                  drw_start: float = 0.8, drw_beta: float = 0.9999):
         super().__init__()
         counts = _counts(class_counts)
@@ -75,7 +78,7 @@ class LDAMLoss(nn.Module):
         margins[present] = counts[present] ** -0.25
         margins *= max_m / margins.max()
         self.max_m = float(max_m)
-        self.head_scale = float(s)
+        self.head_scale = None if s is None else float(s)
         self.drw = bool(drw)
         self.drw_start = float(drw_start)
         self.drw_beta = float(drw_beta)
@@ -94,7 +97,8 @@ class LDAMLoss(nn.Module):
         self.drw_active = self.drw and step >= self.drw_step(total_steps)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        shift = (self.head_scale * self.margins.to(logits.dtype))[target]
+        margins = self.margins.to(logits.dtype)
+        shift = (margins if self.head_scale is None else self.head_scale * margins)[target]
         adjusted = logits.scatter_add(1, target.view(-1, 1), -shift.view(-1, 1))
         weight = self.drw_weight.to(logits.dtype) if self.drw_active else None
         return F.cross_entropy(adjusted, target, weight=weight)
@@ -184,7 +188,8 @@ class LADELoss(nn.Module):
 @dataclass(frozen=True)
 class LDAMOptions:
     max_m: float = option(0.5, above=0.0, doc="margin of the rarest class")
-    s: float = option(30.0, above=0.0, doc="fixed scale of the cosine head")
+    s: Optional[float] = option(30.0, above=0.0, doc="fixed scale of the cosine head; null: margins on the raw logits "
+                                                    "of any head, no scale (Imbalance-VLM's variant)")
     drw: bool = option(True, doc="deferred re-weighting from drw_start")
     drw_start: float = option(0.8, minimum=0.0, maximum=1.0, doc="share of the steps before re-weighting")
     drw_beta: float = option(0.9999, minimum=0.0, check=_beta_below_one, doc="effective-number beta of DRW")
@@ -203,7 +208,7 @@ class LADEOptions:
 
 @register("ldam", "single", LDAMOptions, needs_fixed_scale=True)
 def _ldam(options: LDAMOptions, class_counts):
-    """LDAM with deferred re-weighting (Cao et al., NeurIPS 2019); needs the cosine head."""
+    """LDAM with deferred re-weighting (Cao et al., NeurIPS 2019); needs the cosine head (any head with ``s: null``)."""
     return LDAMLoss(class_counts, max_m=options.max_m, s=options.s, drw=options.drw, drw_start=options.drw_start,
                     drw_beta=options.drw_beta)
 

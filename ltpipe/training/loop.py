@@ -247,8 +247,9 @@ def check_outcome(score: float, val_labels: np.ndarray, multilabel: bool, diverg
 
 
 def match_head_to_loss(head_name: str, head: nn.Module, loss_name: str, loss_fn: nn.Module) -> None:
-    """LDAM is defined on a normalised classifier with a fixed scale ``s`` (Cao et al. 2019)."""
-    if not losses.LOSSES.capability(loss_name, "needs_fixed_scale"):
+    """LDAM is defined on a normalised classifier with a fixed scale ``s`` (Cao et al. 2019); with
+    ``s: null`` (Imbalance-VLM's variant) it takes the raw logits of any head."""
+    if not losses.LOSSES.capability(loss_name, "needs_fixed_scale") or loss_fn.head_scale is None:
         return
     if not heads.HEADS.capability(head_name, "fixed_scale"):
         raise ConfigError(f"loss {loss_name!r} needs a normalised classifier: set "
