@@ -109,10 +109,24 @@ def test_warmup_iterations_replace_warmup_epochs():
     assert Plan.make(1000, 100, 10, None, 2.0, "keep", warmup_iterations=0).warmup_steps == 0
 
 
-def test_one_cycle_longer_than_the_run_is_refused():
-    plan = Plan.make(100, 10, 2, None, 5.0, "keep")  # 50 warm-up steps of 20
-    with pytest.raises(ConfigError, match="one-cycle schedule rises over the warm-up .50 steps., longer than the run"):
+@pytest.mark.parametrize("total, warmup", [(20, 50), (3, 3), (5, 5)])
+def test_one_cycle_without_a_fall_is_refused(total, warmup):
+    # A rise as long as the run leaves torch's OneCycleLR a zero-length fall (a ZeroDivisionError at the end).
+    plan = Plan.make(100, 100 // total, 1, total, 0, "keep", warmup_iterations=warmup)
+    with pytest.raises(ConfigError, match=rf"one-cycle schedule rises over the warm-up .{warmup} steps. and must "
+                                          rf"fall after it, but the run has {total} steps"):
         _rates("onecycle", plan)
+
+
+@pytest.mark.parametrize("total", [2, 3, 100])
+def test_one_cycle_rising_over_one_step_is_refused_and_two_or_none_work(total):
+    # torch's OneCycleLR divides by (rise steps - 1): a one-step rise was a ZeroDivisionError mid-run.
+    with pytest.raises(ConfigError, match=r"cannot rise over a single step .* to 0 or to at least 2 steps"):
+        _rates("onecycle", Plan.make(100, 100 // total, 1, total, 0, "keep", warmup_iterations=1))
+    for warmup in (0, 2):
+        if warmup < total:
+            rates, _ = _rates("onecycle", Plan.make(100, 100 // total, 1, total, 0, "keep", warmup_iterations=warmup))
+            assert len(rates) == total and np.isfinite(rates).all()
 
 
 def _train(tiny_features, tiny_prepared, select: str, val_labels=None, epochs: int = 6):

@@ -1,11 +1,11 @@
 """The `evaluate` stage: the trained head (stage 2 included) on the test split, with optional
 post-hoc logit adjustment."""
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from ltpipe import heads
+from ltpipe import heads, presets
 from ltpipe.core import paths
 from ltpipe.core.config import Params
 from ltpipe.core.runtime import read_threads, resolve_device, use_threads
@@ -41,7 +41,8 @@ def posthoc_logit_adjust(head, device, prepared: manifest.Prepared) -> Tuple[flo
 def run_evaluate(params: Params) -> Dict:
     prepared = manifest.load(paths.PREPARED_DIR)
     check_task(params, prepared)
-    posthoc = check_posthoc(params, prepared.multilabel)
+    posthoc = check_posthoc(params, prepared.multilabel, prepared.split_size("val"))
+    preset = presets.check_param(params.raw("preset"))
     device = resolve_device(params.str("model.device"))
     head, run = load_checkpoint(paths.HEAD_CHECKPOINT)
     head.to(device)
@@ -58,4 +59,13 @@ def run_evaluate(params: Params) -> Dict:
         logits = logit_adjust(logits, prior, tau)
         run["posthoc_tau"] = tau
         print(f"post-hoc logit adjustment: tau {tau} (chosen on validation)")
-    return write_metrics(logits, test.labels, prepared, run_fields(run, prepared, test), "eval")
+    fields = run_fields(run, prepared, test)
+    arch, pretrained = str(test.attrs.get("arch")), str(test.attrs.get("pretrained", "")) or None
+
+    def compare(result: Dict) -> Optional[Dict]:
+        return presets.comparison(preset, fields, arch, pretrained, result, presets.EVAL_METRICS)
+
+    payload = write_metrics(logits, test.labels, prepared, fields, "eval", compare=compare)
+    presets.report(payload.get("preset"))
+    return payload
+

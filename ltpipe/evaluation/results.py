@@ -8,7 +8,7 @@ head, loss, sampler, stage-2 method, seed and the feature cache it read), so
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -75,14 +75,19 @@ def run_fields(run: Dict, prepared: manifest.Prepared, features: SplitFeatures) 
 
 
 def write_metrics(logits: np.ndarray, labels: np.ndarray, prepared: manifest.Prepared, fields: Dict,
-                  name: str, out_dir: Path = paths.METRICS_DIR, per_class: bool = True) -> Dict:
-    """``<out_dir>/<name>.json`` (the run's identity, then its metrics) and, with ``per_class``,
-    the plot tables ``<name>_per_class.csv``, ``_reliability.csv`` and ``_confusion.csv``."""
+                  name: str, out_dir: Path = paths.METRICS_DIR, per_class: bool = True,
+                  compare: Optional[Callable[[Dict], Optional[Dict]]] = None) -> Dict:
+    """``<out_dir>/<name>.json`` (the run's identity, then its metrics, then ``compare(metrics)`` as
+    ``preset`` unless it is ``None``: a preset's published figures) and, with ``per_class``, the plot
+    tables ``<name>_per_class.csv``, ``_reliability.csv`` and ``_confusion.csv``."""
     result, table = metrics.evaluate(logits, labels, prepared.classes, prepared.multilabel)
-    clash = set(fields) & set(result)
+    clash = set(fields) & set(result) | ({"preset"} & (set(fields) | set(result)))
     if clash:
         raise AssertionError(f"metric keys {sorted(clash)} would overwrite the run's identity fields")
     payload = dict(fields, **result)
+    block = compare(result) if compare is not None else None
+    if block is not None:
+        payload["preset"] = block
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ltpipe import losses
+from ltpipe import losses, presets
 from ltpipe.core import paths
 from ltpipe.core.config import Params
 from ltpipe.core.runtime import (
@@ -108,6 +108,7 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     """Fine-tune in mode ``mode_name``; ``make_logger(log_dir, resume_step)`` gives a context
     manager yielding a per-step logging function (the stage script's dvclive)."""
     mode = modes.build(mode_name, modes.MODES.options(mode_name, params))
+    preset = presets.check_param(params.raw("preset"))
     cfg = FinetuneConfig.from_params(params.sub("finetune.train"))
     prepared = manifest.load(paths.PREPARED_DIR)
     task = "multi" if check_task(params, prepared) else "single"
@@ -161,7 +162,7 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
     test_logits = predict_images(model, images("test", preprocess), cfg.micro_batch, device, precision, workers,
                                  cfg.workers)
     if workers.rank == 0:
-        save_results(model, mode, choice, cfg, prepared, weights, test_logits, summary, work_dir)
+        save_results(model, mode, choice, cfg, prepared, weights, test_logits, summary, work_dir, preset)
     workers.barrier()
     if workers.world > 1:
         torch.distributed.destroy_process_group()
@@ -169,7 +170,7 @@ def run_stage(params: Params, mode_name: str, make_logger: Optional[Callable] = 
 
 
 def save_results(model, mode, choice, cfg: FinetuneConfig, prepared: manifest.Prepared, weights, test_logits,
-                 summary: Dict, work_dir: Path) -> None:
+                 summary: Dict, work_dir: Path, preset: str = presets.NONE) -> None:
     """The fine-tuned model, its test metrics and its report (rank 0); the resume state goes."""
     mode_name = mode.name
     run = dict(choice.identity(), mode=mode_name, posthoc="none", posthoc_tau=None, threads=torch.get_num_threads())
@@ -177,8 +178,14 @@ def save_results(model, mode, choice, cfg: FinetuneConfig, prepared: manifest.Pr
     cache = model_id(weights.arch, weights.pretrained, weights.sha256)
     fields = dict(dataset=prepared.name, task=prepared.task, **run, features=f"{cache}+finetune",
                   protocol=summary["protocol"])
+    metrics_file = (paths.FINETUNE_METRICS_DIR / f"{mode_name}.json").as_posix()
+
+    def compare(result: Dict) -> Optional[Dict]:
+        return presets.comparison(preset, fields, weights.arch, weights.pretrained, result, metrics_file)
+
     result = write_metrics(test_logits, prepared.label_array("test"), prepared, fields, mode_name,
-                           paths.FINETUNE_METRICS_DIR)
+                           paths.FINETUNE_METRICS_DIR, compare=compare)
+    presets.report(result.get("preset"))
     report = dict(summary, config=asdict(cfg),
                   trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad))
     (paths.FINETUNE_METRICS_DIR / f"{mode_name}_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -79,10 +79,15 @@ def one_cycle(optimizer: torch.optim.Optimizer, plan: "Plan") -> torch.optim.lr_
     """CPRFL's ``OneCycleLR(max_lr=lr, pct_start=0.1)`` with torch's other defaults (start at lr / 25,
     cosine up and down, end at lr / 25 / 1e4, momentum or Adam's beta1 cycled 0.95 -> 0.85 -> 0.95); the
     rise is the warm-up's share of the steps. Each parameter group peaks at its own learning rate."""
-    if plan.warmup_steps > plan.total_steps:
-        raise ConfigError(f"the one-cycle schedule rises over the warm-up ({plan.warmup_steps} steps), longer than "
-                          f"the run ({plan.total_steps} steps). Shorten the warm-up (`warmup_epochs` or "
-                          "`warmup_iterations`; CPRFL: a tenth of the run).")
+    if plan.warmup_steps >= plan.total_steps:
+        raise ConfigError(f"the one-cycle schedule rises over the warm-up ({plan.warmup_steps} steps) and must fall "
+                          f"after it, but the run has {plan.total_steps} steps. Shorten the warm-up (`warmup_epochs` "
+                          "or `warmup_iterations`; CPRFL: a tenth of the run).")
+    if plan.warmup_steps == 1:
+        # torch's OneCycleLR interpolates over (rise steps - 1): a one-step rise divides by zero.
+        raise ConfigError("the one-cycle schedule cannot rise over a single step (torch's OneCycleLR divides by the "
+                          "warm-up's steps - 1): set the warm-up (`warmup_epochs` or `warmup_iterations`) to 0 or "
+                          "to at least 2 steps.")
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
                                                total_steps=plan.total_steps,
                                                pct_start=plan.warmup_steps / plan.total_steps)
