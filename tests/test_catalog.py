@@ -21,7 +21,7 @@ def test_list_prints_every_name_with_its_options_and_defaults():
     for kind in ("losses", "heads"):
         for entry in catalog.registry(kind).entries():
             assert f"  {entry.name} " in out, entry.name
-    assert "s = 30.0  float (> 0): fixed scale of the cosine head" in out  # ldam's option with its default
+    assert "s = 30.0  float or null (> 0): fixed scale of the cosine head; null: margins" in out  # ldam's option
     assert "tasks: multi" in out and "input: tokens" in out
 
 
