@@ -75,9 +75,13 @@ def presets_command(args) -> int:
         raise ConfigError(f"no preset name contains {' and '.join(map(repr, patterns))}; "
                           "`python -m ltpipe presets` lists them all.")
     width = max(len(p.name) for p in chosen)
+    family = None
     for preset in chosen:
+        if preset.family != family:
+            family = preset.family
+            print(f"{'' if preset is chosen[0] else chr(10)}{family}: {preset.paper}; {preset.table}")
         figure = ", ".join(f"{k} {v:.2f}" for k, v in (preset.published or {}).items()) or "-"
-        print(f"{preset.name:<{width}}  {preset.row}  [published: {figure}]")
+        print(f"  {preset.name:<{width}}  {preset.row}  [published: {figure}]")
     print(f"\n{len(chosen)} preset(s). `python -m ltpipe presets show NAME` prints one; "
           "`python -m ltpipe presets run NAME [--queue]` runs it.")
     return 0

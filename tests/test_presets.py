@@ -227,10 +227,11 @@ def _cli(*args):
 
 def test_presets_list_show_and_the_printed_command():
     listed = _cli("presets", "cprfl", "coco")
-    assert listed.returncode == 0 and listed.stdout.splitlines()[:2] == [
-        "cprfl-cached-coco_lt-rn50    CPRFL-CLIP, ASL, on cached frozen CLIP features  "
+    assert listed.returncode == 0 and listed.stdout.splitlines()[:3] == [
+        f"cprfl: {presets.get('cprfl-cached-coco_lt-rn50').paper}; Table 1 (CPRFL-CLIP) and Table 2 (ASL)",
+        "  cprfl-cached-coco_lt-rn50    CPRFL-CLIP, ASL, on cached frozen CLIP features  "
         "[published: mAP 66.69, mAP_head 66.35, mAP_medium 70.99, mAP_tail 61.33]",
-        "cprfl-finetune-coco_lt-rn50  CPRFL-CLIP, ASL, whole image encoder fine-tuned  "
+        "  cprfl-finetune-coco_lt-rn50  CPRFL-CLIP, ASL, whole image encoder fine-tuned  "
         "[published: mAP 66.69, mAP_head 66.35, mAP_medium 70.99, mAP_tail 61.33]"]
     shown = _cli("presets", "show", "ivlm-decoder-ldam-inat18-vitl14")
     assert "losses.ldam.s: null" in shown.stdout and "no choice is made on test" in shown.stdout
