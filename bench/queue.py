@@ -10,10 +10,6 @@ Run: .venv/bin/python -m bench.queue [--record]      (about 6 minutes on 2 cores
 
 import argparse
 import json
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,41 +17,23 @@ from pathlib import Path
 import yaml
 
 from bench import results
+from tests import dvc_repo
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-PROJECT = ["dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", "stages", "ltpipe", "plots"]
 SINGLE_LABEL = ("ce", "focal", "cbw", "cb", "bsm", "la", "ldam", "grw", "lade")
 
 
-def _env() -> dict:
-    env = dict(os.environ, DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="bench", GIT_COMMITTER_NAME="bench",
-               GIT_AUTHOR_EMAIL="bench@ltpipe.invalid", GIT_COMMITTER_EMAIL="bench@ltpipe.invalid")
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    return env
-
-
 def _run(repo: Path, *args: str) -> str:
-    done = subprocess.run(list(args), cwd=repo, env=_env(), capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
-    return done.stdout
+    return dvc_repo.run(repo, *args).stdout
 
 
 def _project(path: Path) -> Path:
-    path.mkdir(parents=True)
-    for name in PROJECT:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            shutil.copy2(src, path / name)
-    for args in (("git", "init", "-q", "-b", "main"), ("dvc", "init", "-q"), ("git", "add", "-A"),
-                 ("git", "commit", "-qm", "project")):
-        _run(path, *args)
-    _run(path, "dvc", "repro", "evaluate")
-    _run(path, "git", "add", "-A")
-    _run(path, "git", "commit", "-qm", "reproduced")
-    return path
+    """The project at its defaults (the embedded default, not the tests' small sizes), reproduced."""
+    repo = dvc_repo.make(path, overrides={})
+    _run(repo, "dvc", "repro", "evaluate")
+    _run(repo, "git", "add", "-A")
+    _run(repo, "git", "commit", "-qm", "reproduced")
+    return repo
 
 
 def _queue_and_run(repo: Path, losses, jobs: int) -> float:
