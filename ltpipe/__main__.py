@@ -68,7 +68,11 @@ def presets_command(args) -> int:
         print(" ".join(presets.hydra_quote(part) for part in cmd), flush=True)
         if args.dry:
             return 0
-        return subprocess.run(cmd).returncode
+        try:
+            return subprocess.run(cmd).returncode
+        except FileNotFoundError:
+            raise ConfigError("`dvc` is not on PATH: activate the project's environment (`source "
+                              ".venv/bin/activate`) and run this again, or run the printed command yourself.") from None
     patterns = getattr(args, "patterns", None) or []
     chosen = presets.matching(patterns)
     if not chosen:

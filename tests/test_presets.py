@@ -242,6 +242,9 @@ def test_presets_list_show_and_the_printed_command():
                 "-S", f"preset={preset.name}", "-S", "seed=1", "evaluate"]
     assert printed.returncode == 0 and printed.stdout.split() == expected
     assert "-S heads.cosine.init=text" in printed.stdout and "-S loss=la" in printed.stdout
+    no_dvc = subprocess.run([sys.executable, "-m", "ltpipe", "presets", "run", "lift-lp-places_lt-vitb16"],
+                            capture_output=True, text=True, cwd=REPO, env={"PATH": "/nonexistent"})
+    assert no_dvc.returncode == 2 and no_dvc.stderr.startswith("ltpipe error: `dvc` is not on PATH")
     unknown = _cli("presets", "show", "cprfl-coco")
     assert unknown.returncode == 2 and unknown.stderr.startswith("ltpipe error: there is no preset 'cprfl-coco'.")
 
