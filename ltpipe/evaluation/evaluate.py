@@ -68,4 +68,3 @@ def run_evaluate(params: Params) -> Dict:
     payload = write_metrics(logits, test.labels, prepared, fields, "eval", compare=compare)
     presets.report(payload.get("preset"))
     return payload
-
