@@ -202,3 +202,10 @@ def test_every_bench_section_of_results_md_has_its_end_marker():
     for key in begins:
         assert text.count(f"<!-- END {key} -->") == 1 and text.count(f"<!-- BEGIN {key} -->") == 1
         assert text.index(f"<!-- BEGIN {key} -->") < text.index(f"<!-- END {key} -->")
+
+
+def test_no_bench_script_shadows_a_standard_module():
+    """`python bench/<name>.py` puts bench/ first on sys.path: a bench/queue.py made torch's own
+    `import queue` load it, and every bench script run that way failed at `import torch`."""
+    shadowing = sorted(path.name for path in (REPO / "bench").glob("*.py") if path.stem in sys.stdlib_module_names)
+    assert shadowing == []

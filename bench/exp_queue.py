@@ -5,7 +5,7 @@ then one experiment per single-label loss of `sweep.losses` is queued (`dvc exp 
 evaluate`: train and evaluate, the features are shared) and the queue is run with `dvc exp run --run-all
 -j N` for N = 1 and 2, side by side in this run. It prints the wall time of each and the speed-up.
 
-Run: .venv/bin/python -m bench.queue [--record]      (about 6 minutes on 2 cores)
+Run: .venv/bin/python -m bench.exp_queue [--record]      (about 6 minutes on 2 cores)
 """
 
 import argparse
@@ -69,7 +69,7 @@ def main() -> None:
         rows = [(f"{what}, `dvc exp run --run-all -j {jobs}`", f"{seconds:.1f} s ({per[jobs]:.1f} s an experiment)")
                 for jobs, seconds in times.items()]
         rows.append(("speed-up, -j 2 over -j 1", f"{times[1] / times[2]:.2f}x"))
-        results.record(results.section_key("queue.py"), "python -m bench.queue", rows)
+        results.record(results.section_key("exp_queue.py"), "python -m bench.exp_queue", rows)
 
 
 if __name__ == "__main__":
