@@ -16,13 +16,16 @@ in one run on the same rows:
    of 1024 rows) through a fresh reader, which checks every row's CRC-32 on this first read, and
    through one whose rows are verified, against a raw sequential read of the same bytes in the
    same slices. Goal: >= 0.5x of the raw bandwidth.
-3. Training steps on the 50x768 file, fed as the training loop feeds them (``FeatureInput.batch``
-   into reused buffers, the next batch read ahead in a thread), from disk and from memory, against
-   the same steps on batches already in memory as float32 tensors: a small CPRFL head (dim 16,
-   compute per step comparable to a batch's read here) and a depth-0 decoder (almost no compute),
-   torch on one thread. Goal: disk <= 1.1x in memory (the read hidden).
-4. ``train.shuffle: blocks`` (default ``block_rows`` 256, ``block_buffer`` 8) on the same file, cold:
-   the same two heads' steps on batches of ``samplers.block_order`` read in whole blocks
+3. Training steps fed as the training loop feeds them (``FeatureInput.batch`` into reused buffers, the
+   next batch read ahead in a thread, the one after it advised to the kernel: ``read_ahead(advise=)``),
+   from disk and from memory, against the same steps on batches already in memory as float32 tensors,
+   torch on one thread: a small CPRFL head (dim 16) on the 50x768 file and a one-block decoder on a file
+   of 50x64 grids (a decoder is as wide as its grids), each with compute per step comparable to a
+   batch's read on 2 cores; and a depth-0 decoder on 50x768 (no compute: the feed's own cost shows).
+   Goal: disk <= 1.1x in memory (the read hidden). Cold: the file's pages dropped before each pass,
+   with and without the advice.
+4. ``train.shuffle: blocks`` (default ``block_rows`` 256, ``block_buffer`` 8) on the same files, cold:
+   the same heads' steps on batches of ``samplers.block_order`` read in whole blocks
    (``FeatureInput.block_reads``), against the row-random batches of 3; and one epoch's reads alone
    (every row once, no training), row-random batches against blocks: time, bytes and system calls.
 
@@ -54,6 +57,7 @@ except ImportError:
 
 BATCH = 256
 SLICE = 1024  # rows per read of a sequential pass (predict's batch)
+PASSES = 5  # timed passes per way of feeding a head (a step here varies by ~10% from pass to pass)
 BLOCK_ROWS, BLOCK_BUFFER = 256, 8  # `train.block_rows`, `train.block_buffer` defaults
 
 
@@ -152,50 +156,63 @@ def sequential(path: Path, cold: bool, repeats: int = 3) -> dict:
     return best
 
 
-def step_times(path: Path, draws: int) -> dict:
-    """Median milliseconds per training step of a small CPRFL head (compute per step comparable to a
-    batch's read on 2 cores) and of a depth-0 decoder (almost no compute: the read shows), fed as the
-    training loop feeds them, against the same steps on batches already in memory as float32."""
-    from ltpipe.heads.cprfl import CPRFLHead
-    from ltpipe.heads.decoder import DecoderHead
-
-    rows = SplitFeatures.read_labels(path).shape[0]
-    rng = np.random.default_rng(2)
-    batches = [np.sort(rng.choice(rows, BATCH, replace=False)) for _ in range(draws)]
-    labels = torch.from_numpy(rng.integers(0, 100, BATCH))
-    cpu = torch.device("cpu")
-    disk = FeatureInput(SplitFeatures(path), "tokens", cpu)
-    disk.features.token_rows(np.arange(rows))  # rows verified: an epoch after the first
-    memory = FeatureInput(SplitFeatures(path, load_tokens=True), "tokens", cpu)
-    ready = [memory.batch(index) for index in batches]
-    blocks = block_batches(rows, draws, rng)
-    assert len(blocks) == len(batches), f"{rows} rows hold fewer than {draws} full batches"
-    feeds = {"ready": lambda: iter(ready), "memory": cached_feed(memory, batches, True),
-             "disk": cached_feed(disk, batches, True), "disk_inline": cached_feed(disk, batches, False),
-             "blocks": cached_feed(disk, blocks, True, in_blocks=True)}
-    made = {"CPRFL (dim 16)": lambda: CPRFLHead(768, 512, 100, 16, 2, 8, 16, 0.0, 0.5, 256, 0.0),
-            "decoder (depth 0)": lambda: DecoderHead(768, 100, 0, 4, 0.5, False)}
+def step_times(heads: list, draws: int) -> dict:
+    """Median milliseconds per training step of each ``(name, path, make)`` of ``heads``: the head
+    ``make()`` trained on the grids of ``path``, fed as the training loop feeds them (the next batch
+    read ahead, the one after it advised to the kernel), against the same steps on batches already in
+    memory as float32."""
     times = {}
     # One intra-op thread: the reader's thread has the other core, as the host has while a GPU computes.
     # With two, on this 2-vCPU machine a CPRFL step took 250-430 ms instead of ~55 ms whenever no other
     # thread kept the cores busy (torch's workers waking from idle), which no read can be compared to.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    for name, make in made.items():
+    for name, path, make in heads:
+        rows = SplitFeatures.read_labels(path).shape[0]
+        rng = np.random.default_rng(2)
+        batches = [np.sort(rng.choice(rows, BATCH, replace=False)) for _ in range(draws)]
+        labels = torch.from_numpy(rng.integers(0, 100, BATCH))
+        cpu = torch.device("cpu")
+        disk = FeatureInput(SplitFeatures(path), "tokens", cpu)
+        disk.features.token_rows(np.arange(rows))  # rows verified: an epoch after the first
+        memory = FeatureInput(SplitFeatures(path, load_tokens=True), "tokens", cpu)
+        ready = [memory.batch(index) for index in batches]
+        blocks = block_batches(rows, draws, rng)
+        assert len(blocks) == len(batches), f"{rows} rows hold fewer than {draws} full batches"
+        feeds = {"ready": functools.partial(iter, ready), "memory": cached_feed(memory, batches, True),
+                 "disk": cached_feed(disk, batches, True), "disk_inline": cached_feed(disk, batches, False),
+                 "blocks": cached_feed(disk, blocks, True, in_blocks=True)}
         torch.manual_seed(0)
         model = make()
         optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
         timed_pass(model, optimizer, labels, feeds["ready"], len(batches))  # warm-up: allocator, kernels
-        figures = {way: [] for way in list(feeds) + ["disk_cold", "blocks_cold"]}
-        for _ in range(3):
+        figures = {way: [] for way in list(feeds) + ["disk_cold", "blocks_cold", "disk_cold_unadvised"]}
+        for _ in range(PASSES):  # every way once a round: machine noise falls on all alike
             for way, feed in feeds.items():
                 figures[way].append(timed_pass(model, optimizer, labels, feed, len(batches)))
-            for way in ("disk", "blocks"):
+            cold = {"disk_cold": feeds["disk"], "blocks_cold": feeds["blocks"],
+                    "disk_cold_unadvised": cached_feed(disk, batches, True, advise=False)}
+            for way, feed in cold.items():
                 drop(path)
-                figures[f"{way}_cold"].append(timed_pass(model, optimizer, labels, feeds[way], len(batches)))
+                figures[way].append(timed_pass(model, optimizer, labels, feed, len(batches)))
         times[name] = {way: statistics.median(values) for way, values in figures.items()}
+        memory.features.close()
+        disk.features.close()
     torch.set_num_threads(threads)
     return times
+
+
+def step_heads(wide: Path, narrow: Path) -> list:
+    """The heads whose steps are timed: ``(name, grids, make)``. A small CPRFL head and a one-block
+    decoder on grids of width 64 (a decoder's width is the grid's) have compute per step comparable to
+    a batch's read here, as a full-size head's on a GPU; the depth-0 decoder has none, so what is left
+    is the feed's own cost (on a CPU, the float16 -> float32 cast a GPU does on the device)."""
+    from ltpipe.heads.cprfl import CPRFLHead
+    from ltpipe.heads.decoder import DecoderHead
+
+    return [("CPRFL (dim 16), 50x768", wide, lambda: CPRFLHead(768, 512, 100, 16, 2, 8, 16, 0.0, 0.5, 256, 0.0)),
+            ("decoder (depth 1), 50x64", narrow, lambda: DecoderHead(64, 100, 1, 4, 0.5, False)),
+            ("decoder (depth 0), 50x768", wide, lambda: DecoderHead(768, 100, 0, 4, 0.5, False))]
 
 
 def block_batches(rows: int, count: int, rng: np.random.Generator, full: bool = True) -> list:
@@ -206,13 +223,15 @@ def block_batches(rows: int, count: int, rng: np.random.Generator, full: bool = 
     return [np.sort(order[k * BATCH:(k + 1) * BATCH]) for k in range(min(count, available))]
 
 
-def cached_feed(data: FeatureInput, batches: list, ahead: bool, in_blocks: bool = False):
-    """The training loop's feed: rows read into reused buffers, the next batch read ahead or not; with
-    ``in_blocks``, read in whole blocks (a new plan each pass, as each epoch has)."""
+def cached_feed(data: FeatureInput, batches: list, ahead: bool, in_blocks: bool = False, advise: bool = True):
+    """The training loop's feed: rows read into reused buffers, the next batch read ahead or not (and,
+    with ``advise``, the one after it advised to the kernel); with ``in_blocks``, read in whole blocks (a
+    new plan each pass, as each epoch has)."""
     def feed():
         reads = data.block_reads(batches, BLOCK_ROWS, BLOCK_BUFFER) if in_blocks else None
         load = functools.partial(data.batch, reuse=True, reads=reads)
-        return (x for _, x in read_ahead(load, batches, enabled=ahead))
+        hint = data.advise if reads is None and advise else None  # as the training loop
+        return (x for _, x in read_ahead(load, batches, enabled=ahead, advise=hint))
     return feed
 
 
@@ -265,7 +284,7 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=4000, help="grids of 50x768")
     parser.add_argument("--large-rows", type=int, default=1500, help="grids of 197x768")
     parser.add_argument("--draws", type=int, default=15, help="random batches per way, warm and cold each")
-    parser.add_argument("--steps", type=int, default=12, help="training steps per timed pass (50x768 only)")
+    parser.add_argument("--steps", type=int, default=15, help="training steps per timed pass")
     parser.add_argument("--record", action="store_true", help="write the figures to docs/results.md")
     args = parser.parse_args(argv)
     columns = {}
@@ -278,7 +297,9 @@ def main(argv=None):
                 column[temperature] = random_batches(path, args.draws, temperature == "cold")
                 column[f"seq_{temperature}"] = sequential(path, temperature == "cold")
             if shape == (50, 768):
-                steps = step_times(path, args.steps)
+                narrow = build(Path(tmp) / "50x64.h5", args.rows, (50, 64))
+                steps = step_times(step_heads(path, narrow), args.steps)
+                narrow.unlink()
                 epoch = epoch_reads(path)
             columns[name] = column
             path.unlink()
@@ -291,8 +312,9 @@ def main(argv=None):
     if args.record:
         results.record(results.section_key(__file__), "python bench/tokens.py", rows, header=header,
                        note=f"Batches of {BATCH} sorted random rows, median of {args.draws} draws; sequential "
-                            f"passes in slices of {SLICE} rows, best of 3; training steps: median of 3 passes "
-                            f"of {args.steps} steps, torch on 1 thread.")
+                            f"passes in slices of {SLICE} rows, best of 3; training steps: median of {PASSES} "
+                            f"passes of {args.steps} steps, torch on 1 thread; cold: the file's pages dropped "
+                            f"before each pass.")
 
 
 def table(columns: dict) -> list:
@@ -334,12 +356,14 @@ def step_table(times: dict, width: int) -> list:
               "memory": "`token_cache: memory`, read ahead",
               "disk": "`token_cache: disk`, read ahead, warm",
               "disk_inline": "`token_cache: disk`, read in the step, warm",
-              "disk_cold": "`token_cache: disk`, read ahead, cold"}
+              "disk_cold": "`token_cache: disk`, read ahead, cold",
+              "disk_cold_unadvised": "`token_cache: disk`, read ahead, cold, no advice to the kernel"}
     for name, figures in times.items():
         for way, label in labels.items():
             rows.append([f"training step, {name}: {label}", f"{figures[way]:.1f} ms"] + pad)
         ratios = f"{figures['disk'] / figures['ready']:.2f}x; {figures['disk_cold'] / figures['ready']:.2f}x"
-        rows.append([f"training step, {name}: disk read ahead (warm; cold) / in memory (goal <= 1.1)", ratios] + pad)
+        goal = " (goal <= 1.1)" if "depth 0" not in name else " (no compute to hide the feed)"
+        rows.append([f"training step, {name}: disk read ahead (warm; cold) / in memory{goal}", ratios] + pad)
     for name, figures in times.items():
         rows += [
             [f"training step, {name}: `shuffle: blocks`, disk, read ahead, warm", f"{figures['blocks']:.1f} ms"] + pad,

@@ -1,5 +1,6 @@
 """Token grids read by file offset, from RAM or disk, a batch ahead of training: the same rows as h5py's."""
 
+import os
 import shutil
 import threading
 
@@ -177,7 +178,55 @@ def test_read_ahead_keeps_order_and_raises_where_the_failure_is():
     assert not any(t.name.startswith("ltpipe-read-ahead") for t in threading.enumerate())
 
 
+def test_read_ahead_advises_each_item_once_a_load_before_it():
+    events = []
+    lock = threading.Lock()
+
+    def record(kind):
+        def call(item):
+            with lock:
+                events.append(f"{kind}{item}")
+            return item
+        return call
+
+    assert [value for _, value in read_ahead(record("load"), range(4), advise=record("advise"))] == [0, 1, 2, 3]
+    # The next item is advised before the current one loads: its reads run while this one's do.
+    assert events == ["advise0", "advise1", "load0", "advise2", "load1", "advise3", "load2", "load3"]
+    events.clear()
+    assert list(read_ahead(record("load"), range(2), enabled=False, advise=record("advise"))) == [(0, 0), (1, 1)]
+    assert events == ["load0", "load1"]  # read in the step: nothing ahead to advise
+
+
+def test_advice_names_each_run_of_rows_and_only_for_offset_reads(split, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: calls.append((offset, length, advice)))
+    rows = TokenRows(split)
+    rows.advise(np.asarray([1, 2, 3, 7, 59]))
+    start, b, soon = rows.offset, rows.row_bytes, os.POSIX_FADV_WILLNEED
+    assert calls == [(start + 1 * b, 3 * b, soon), (start + 7 * b, b, soon), (start + 59 * b, b, soon)]
+    calls.clear()
+    data = FeatureInput(SplitFeatures(split), "tokens", CPU)
+    data.advise(np.arange(10, 20))
+    assert calls == [(rows.offset + 10 * b, 10 * b, soon)]
+    calls.clear()
+    data.use_token_cache("memory")
+    data.advise(np.arange(4))  # grids in memory: nothing to read
+    chunked = tmp_path / "chunked.h5"
+    with h5py.File(split, "r") as src, h5py.File(chunked, "w") as dst:
+        dst.create_dataset("tokens", data=src["tokens"][()], chunks=(4, 5, 8))
+    TokenRows(chunked).advise(np.arange(4))  # read through h5py: no offsets to advise
+    assert calls == []
+
+    def refuse(*args):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    rows.advise(np.arange(4))  # advice only: the read reports what is wrong with the file
+    np.testing.assert_array_equal(rows.read(np.arange(4), rows.buffer(4)), h5py_rows(split, np.arange(4)))
+
+
 def test_row_checksums_in_threads_equal_one_crc_per_row(monkeypatch):
+    """zlib's CRC-32 (no zlib-ng installed: the GPU bench's bare machine) checks many rows in threads."""
     import threading
     import zlib
 
@@ -186,9 +235,9 @@ def test_row_checksums_in_threads_equal_one_crc_per_row(monkeypatch):
     rows = np.random.default_rng(0).standard_normal((97, 40, 96)).astype(np.float16)  # 7.5 KB rows, 0.7 MB
     expected = np.array([zlib.crc32(row.tobytes()) for row in rows], dtype=np.uint32)
     names = []
-    real_crc32 = zlib.crc32
-    monkeypatch.setattr(checksums.zlib, "crc32", lambda data: names.append(threading.current_thread().name)
-                        or real_crc32(data))
+    monkeypatch.setattr(checksums, "FAST_CRC32", False)
+    monkeypatch.setattr(checksums, "crc32", lambda data: names.append(threading.current_thread().name)
+                        or zlib.crc32(data))
     np.testing.assert_array_equal(checksums.row_checksums(rows), expected)  # under the threshold: in this thread
     assert set(names) == {threading.current_thread().name}
     names.clear()
@@ -199,3 +248,21 @@ def test_row_checksums_in_threads_equal_one_crc_per_row(monkeypatch):
         assert all(name.startswith("ltpipe-crc") for name in names)  # in the pool's threads
     np.testing.assert_array_equal(checksums.row_checksums(rows[:1]), expected[:1])
     assert len(checksums.row_checksums(rows[:0])) == 0
+
+
+def test_the_fast_crc32_is_zlibs_function():
+    """zlib-ng's CRC-32, where installed, gives zlib's values: feature files and their recorded checksums
+    do not depend on which one wrote or reads them."""
+    import zlib
+
+    from ltpipe.features import checksums
+
+    assert checksums.FAST_CRC32  # zlib-ng is a dependency (requirements.txt)
+    rng = np.random.default_rng(1)
+    for size in (0, 1, 15, 16, 63, 64, 65, 4095, 70001, 1 << 20):
+        data = rng.integers(0, 256, size, dtype=np.uint8)
+        for start in (0, 12345, 0xFFFFFFFF):
+            assert checksums.crc32(data, start) == zlib.crc32(data, start), (size, start)
+        assert checksums.crc32(data[1:]) == zlib.crc32(data[1:].tobytes())  # unaligned
+    rows = rng.standard_normal((64, 50, 96)).astype(np.float16)
+    np.testing.assert_array_equal(checksums.row_checksums(rows), [zlib.crc32(row.tobytes()) for row in rows])

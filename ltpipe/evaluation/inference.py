@@ -82,6 +82,12 @@ class FeatureInput:
 
         return BlockReads(batches, block_rows, block_buffer, len(self), read, self.features.token_buffer)
 
+    def advise(self, index: np.ndarray) -> None:
+        """Rows ``index`` (sorted) are the next batch: their token grids start coming from the disk now
+        (``read_ahead``'s ``advise``), so the batch's read finds them in the page cache."""
+        if self.kind == "tokens" and isinstance(self.features, SplitFeatures):
+            self.features.advise_token_rows(self.file_rows(np.asarray(index, dtype=np.int64)))
+
     def batch(self, index: np.ndarray, reuse: bool = False, reads: Optional[BlockReads] = None) -> torch.Tensor:
         """The head's input for rows ``index`` as float32 on ``self.device``. With ``reuse``, token grids
         on a CPU are cast into one of two alternating buffers (no new 40 MB allocation a batch): the

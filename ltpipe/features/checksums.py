@@ -4,14 +4,15 @@ Checksums catch damage that keeps a file's size and modification time (bit rot, 
 copy), which neither HDF5 nor ``dvc status`` notices. ``checksums`` holds the CRC-32 of
 every dataset read whole (and of the other attributes), verified whenever the dataset is
 loaded; token grids are read a random batch at a time, so each row has its own CRC-32,
-verified the first time this process reads the row. CRC-32 (zlib) is the fastest of the
-hashes at hand (``bench/features.py``: 4x sha1, 8x md5); on one core it runs at ~2.4 GB/s here,
-below a page-cache read, so many rows are checked in threads (``row_checksums``).
+verified the first time this process reads the row. CRC-32 is the fastest of the hashes at
+hand (``bench/features.py``: 4x sha1, 8x md5). zlib-ng computes it with carry-less multiplication
+at ~35 GB/s on one core here, above a page-cache read (~6.5 GB/s); zlib's own runs at ~3.4 GB/s,
+below it, so where zlib-ng is not installed (``bench/gpu.py`` on a bare machine) many rows are
+checked in threads (``row_checksums``). Both give the same values: files and checksums are one format.
 """
 
 import json
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Optional
@@ -20,6 +21,15 @@ import h5py
 import numpy as np
 
 from ltpipe.core.errors import DataError
+
+try:
+    from zlib_ng.zlib_ng import crc32
+
+    FAST_CRC32 = True
+except ImportError:
+    from zlib import crc32
+
+    FAST_CRC32 = False
 
 CHECKSUMS = "checksums"  # file attribute: JSON {dataset name, or "attrs": CRC-32 as 8 hex digits}
 ROW_CHECKSUMS = {"tokens": "tokens_crc32"}  # datasets read in random rows -> their per-row CRC-32 dataset
@@ -31,13 +41,13 @@ HDF5_READ_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError, Inde
 def array_checksum(values: np.ndarray) -> str:
     """CRC-32 of an array as h5py reads it: dtype, shape and bytes (strings: their lengths, then their bytes)."""
     values = np.asarray(values)
-    crc = zlib.crc32(f"{values.dtype.str}{values.shape}".encode())
+    crc = crc32(f"{values.dtype.str}{values.shape}".encode())
     if values.dtype.kind == "O":
         items = [item if isinstance(item, bytes) else str(item).encode() for item in values.ravel()]
-        crc = zlib.crc32(np.fromiter(map(len, items), dtype="<u8", count=len(items)), crc)
-        crc = zlib.crc32(b"".join(items), crc)
+        crc = crc32(np.fromiter(map(len, items), dtype="<u8", count=len(items)), crc)
+        crc = crc32(b"".join(items), crc)
     else:
-        crc = zlib.crc32(np.ascontiguousarray(values), crc)
+        crc = crc32(np.ascontiguousarray(values), crc)
     return f"{crc:08x}"
 
 
@@ -53,12 +63,12 @@ def attrs_checksum(attrs) -> str:
         else:
             value = np.asarray(value)
             data = value.dtype.str.encode() + str(value.shape).encode() + np.ascontiguousarray(value).tobytes()
-        crc = zlib.crc32(data, zlib.crc32(name.encode() + b"\0", crc))
+        crc = crc32(data, crc32(name.encode() + b"\0", crc))
     return f"{crc:08x}"
 
 
-# zlib releases the GIL on buffers over 5 KB, so rows checked in threads use several cores: the first
-# pass over a token cache is bound by CRC-32, not by the read (bench/tokens.py, "fresh reader").
+# zlib releases the GIL on buffers over 5 KB, so with zlib's CRC-32 rows checked in threads use several
+# cores; zlib-ng's outruns the read on one.
 PARALLEL_ROW_BYTES = 1 << 22  # rows checked in one call below this many bytes: one thread
 _pool = []  # (executor, workers), made on first use
 
@@ -81,11 +91,11 @@ def row_checksums(rows: np.ndarray) -> np.ndarray:
     out = np.empty(len(rows), dtype=np.uint32)
 
     def check(part: range) -> None:
-        out[part.start:part.stop] = [zlib.crc32(rows[k]) for k in part]
+        out[part.start:part.stop] = [crc32(rows[k]) for k in part]
 
     pool, workers = _row_pool()
     parts = min(workers, len(rows))
-    if rows.nbytes < PARALLEL_ROW_BYTES or parts < 2 or rows[0].nbytes <= 5 * 1024:
+    if FAST_CRC32 or rows.nbytes < PARALLEL_ROW_BYTES or parts < 2 or rows[0].nbytes <= 5 * 1024:
         check(range(len(rows)))
         return out
     bounds = np.linspace(0, len(rows), parts + 1).astype(int)

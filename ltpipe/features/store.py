@@ -334,6 +334,15 @@ class SplitFeatures:
             np.take(rows, inverse, axis=0, out=out, mode="clip")
         return out
 
+    def advise_token_rows(self, index: np.ndarray) -> None:
+        """Rows ``index`` (sorted, unique) will be read next: start reading them from the disk
+        (:meth:`TokenRows.advise`); nothing to do for grids in memory."""
+        if not self.has_tokens or self._loaded is not None or len(index) == 0:
+            return
+        if self._rows is None:
+            self._rows = TokenRows(self.path)
+        self._rows.advise(np.asarray(index, dtype=np.int64))
+
     def tokens(self, index: np.ndarray) -> np.ndarray:
         """Token grids of rows ``index`` as a new float32 array, in the order asked (repeats allowed)."""
         index = np.asarray(index, dtype=np.int64)

@@ -130,9 +130,11 @@ def train(head: nn.Module, loss_fn: nn.Module, sampler, train_data: FeatureInput
         # decided every batch before any is read: reading ahead changes when rows are read, not which.
         indexes = [np.sort(batch) for batch in batches_of(order, cfg.batch_size, first, end)]
         reads = train_data.block_reads(indexes, cfg.block_rows, cfg.block_buffer) if blocks else None
-        # One batch training, one read ahead: two buffers.
+        # One batch training, one read ahead (two buffers), the one after that advised to the kernel:
+        # its rows come off the disk meanwhile, all at once (a cold cache's reads overlap each other).
         load = functools.partial(train_data.batch, reuse=True, reads=reads)
-        for index, x in read_ahead(load, indexes, enabled=train_data.read_ahead):
+        advise = train_data.advise if reads is None else None  # blocks are read whole, sequentially
+        for index, x in read_ahead(load, indexes, enabled=train_data.read_ahead, advise=advise):
             yield [(x, target[torch.from_numpy(index)], 1.0, True)]
 
     history = []
