@@ -29,7 +29,7 @@ in one run on the same rows:
    (``FeatureInput.block_reads``), against the row-random batches of 3; and one epoch's reads alone
    (every row once, no training), row-random batches against blocks: time, bytes and system calls.
 
-Run: .venv/bin/python bench/tokens.py   (about a minute on 2 cores; ~760 MB in a temporary directory)
+Run: .venv/bin/python bench/tokens.py   (about 3 minutes on 2 cores; ~790 MB in a temporary directory)
      Add --record to write the figures to docs/results.md.
 """
 
