@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -25,8 +26,8 @@ SMALL = {
 }
 
 
-def env() -> dict:
-    out = dict(os.environ)
+def env(extra: Optional[dict] = None) -> dict:
+    out = dict(os.environ, **(extra or {}))
     out["PATH"] = str(Path(sys.executable).parent) + os.pathsep + out.get("PATH", "")
     out["DVC_NO_ANALYTICS"] = "1"
     out["GIT_AUTHOR_NAME"] = out["GIT_COMMITTER_NAME"] = "ltpipe tests"
@@ -34,8 +35,9 @@ def env() -> dict:
     return out
 
 
-def run(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(list(args), cwd=repo, env=env(), capture_output=True, text=True, timeout=900)
+def run(repo: Path, *args: str, check: bool = True, extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """``args`` in ``repo``, with the test environment (plus ``extra_env``); fails the test on a non-zero exit."""
+    result = subprocess.run(list(args), cwd=repo, env=env(extra_env), capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

@@ -13,6 +13,7 @@ from ltpipe.core.errors import ConfigError
 from ltpipe.core.options import defaults, option_fields, parse
 from ltpipe.datasets.prepare import PREPARE_OPTIONS
 from ltpipe.datasets.registry import DATASETS
+from ltpipe.features.extract_options import ExtractOptions
 from ltpipe.finetune.modes import MODES
 from ltpipe.finetune.train import FinetuneConfig
 from ltpipe.heads import HEADS
@@ -33,7 +34,7 @@ ENTRIES = [(kind, name) for kind, registry in REGISTRIES.items() for name in reg
 NAME_MAPS = {"heads": HEADS, "losses": LOSSES, "stage2_methods": STAGE2, "datasets": DATASETS}
 # Options read from one params.yaml section that is not a registered name's.
 SECTIONS = {"train": TrainConfig, "sweep.train": TrainConfig, "prepare": PREPARE_OPTIONS,
-            "finetune.train": FinetuneConfig}
+            "finetune.train": FinetuneConfig, "extract": ExtractOptions}
 
 
 def section_at(dotted: str):
@@ -136,7 +137,7 @@ def test_value_out_of_bounds_is_refused_naming_the_key(dotted, options_type, key
 
 def test_bounds_are_tested_for_every_registry_with_options():
     tested = {dotted.split(".")[0] for dotted, *_ in BOUND_CASES}
-    assert tested >= {"heads", "losses", "datasets", "finetune", "train", "prepare"}
+    assert tested >= {"heads", "losses", "datasets", "finetune", "train", "prepare", "extract"}
 
 
 def test_registry_options_read_the_dotted_section():

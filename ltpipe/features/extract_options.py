@@ -1,9 +1,15 @@
-"""The `extract` section of params.yaml, read once into :class:`ExtractOptions`."""
+"""The `extract` section of params.yaml, read once into :class:`ExtractOptions`.
+
+Each field is declared with :func:`ltpipe.core.options.option`, the only place its default and
+bounds are written: :func:`options_from_params` parses the section (an unknown key, such as a
+misspelt `extract.batchsize`, is refused naming the valid ones) and :meth:`ExtractOptions.validate`
+checks options built in code against the same bounds.
+"""
 
 from dataclasses import dataclass
 
 from ltpipe.core.config import Params
-from ltpipe.core.errors import ConfigError
+from ltpipe.core.options import check, option, parse
 from ltpipe.features import store
 from ltpipe.features.encoder import TEMPLATE_SETS
 
@@ -11,47 +17,41 @@ TOKEN_LAYERS = ("pre_ln", "post_ln")
 ON_BAD_IMAGE = ("fail", "skip")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExtractOptions:
-    batch_size: int = 64
-    workers: int = 2
-    tokens: bool = True
-    token_layer: str = "pre_ln"
-    templates: str = "single"
-    dtype: str = "float16"
-    checkpoint_every: int = 2048  # images between saved shards (rounded to whole batches)
-    views: int = 0  # augmented views of each training image, in train_views.h5 (0: none)
-    view_seed: int = 0
-    view_min_scale: float = 0.08  # smallest crop area, as a share of the image (Imbalance-VLM: 0.08)
-    draft: bool = False  # decode large JPEGs at reduced size (Pillow draft mode)
-    on_bad_image: str = "fail"  # fail | skip (skipped rows are left out and listed in the HDF5 file)
+    """How the `extract` stage runs the image encoder over every split (`extract` in params.yaml)."""
+
+    batch_size: int = option(64, minimum=1, doc="images per encoder forward pass")
+    workers: int = option(2, minimum=0, doc="DataLoader worker processes")
+    tokens: bool = option(True, doc="cache the token grid (needed by the decoder head)")
+    token_layer: str = option("pre_ln", choices=TOKEN_LAYERS,
+                              doc="pre_ln (before the final LayerNorm, as Imbalance-VLM) or post_ln")
+    templates: str = option("single", choices=TEMPLATE_SETS,
+                            doc='single ("a photo of a {}.") or imagenet80 (CLIP\'s 80 templates, averaged)')
+    dtype: str = option("float16", choices=tuple(store.DTYPES), doc="the cached features' float type")
+    checkpoint_every: int = option(2048, minimum=1,
+                                   doc="images per saved shard (whole batches): a killed extraction resumes "
+                                       "from the last one")
+    views: int = option(0, minimum=0,
+                        doc="augmented views (random resized crop + flip) of each training image, in "
+                            "train_views.h5; 0: none")
+    view_seed: int = option(0, minimum=0, doc="seed of the augmented views")
+    view_min_scale: float = option(0.08, above=0, maximum=1,
+                                   doc="smallest random crop, as a share of the image area (Imbalance-VLM: 0.08)")
+    draft: bool = option(False, doc="decode large JPEGs at 1/2-1/8 scale, never below the model input "
+                                    "(Pillow draft mode: faster, pixels differ)")
+    on_bad_image: str = option("fail", choices=ON_BAD_IMAGE,
+                               doc="fail, or skip (unreadable images are left out, listed in the .h5 file and "
+                                   "the report)")
+    launcher: str = option("python", doc="read by dvc.yaml, not by Python: the command running the stage "
+                                         "(`${extract.launcher} -m stages.extract`), e.g. "
+                                         "\"torchrun --nproc_per_node 4\" for several GPUs/processes")
 
     def validate(self) -> None:
-        if self.token_layer not in TOKEN_LAYERS:
-            raise ConfigError(f"`extract.token_layer` is {self.token_layer!r}; valid: {', '.join(TOKEN_LAYERS)}.")
-        if self.templates not in TEMPLATE_SETS:
-            raise ConfigError(f"`extract.templates` is {self.templates!r}; valid: {', '.join(TEMPLATE_SETS)}.")
-        if self.on_bad_image not in ON_BAD_IMAGE:
-            raise ConfigError(f"`extract.on_bad_image` is {self.on_bad_image!r}; valid: {', '.join(ON_BAD_IMAGE)}.")
-        if self.dtype not in store.DTYPES:
-            raise ConfigError(f"`extract.dtype` is {self.dtype!r}; valid: {', '.join(store.DTYPES)}.")
+        """Refuse options built in code whose values lie outside the declared bounds and choices."""
+        check(self, "extract")
 
 
 def options_from_params(params: Params) -> ExtractOptions:
-    section = params.sub("extract")
-    options = ExtractOptions(
-        batch_size=section.int("batch_size", minimum=1),
-        workers=section.int("workers", minimum=0),
-        tokens=section.bool("tokens"),
-        token_layer=section.str("token_layer", choices=TOKEN_LAYERS),
-        templates=section.str("templates", choices=TEMPLATE_SETS),
-        dtype=section.str("dtype", choices=tuple(store.DTYPES)),
-        checkpoint_every=section.int("checkpoint_every", minimum=1),
-        views=section.int("views", minimum=0),
-        view_seed=section.int("view_seed", minimum=0),
-        view_min_scale=section.float("view_min_scale", minimum=0, maximum=1, exclusive_minimum=True),
-        draft=section.bool("draft"),
-        on_bad_image=section.str("on_bad_image", choices=ON_BAD_IMAGE),
-    )
-    options.validate()
-    return options
+    """The `extract` section of ``params`` (a missing key takes its default, an unknown one is refused)."""
+    return parse(ExtractOptions, params.sub("extract"))

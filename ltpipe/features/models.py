@@ -78,7 +78,10 @@ class ResolvedWeights:
     preprocess: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        # atomic_target makes the folder: DVC deletes a stage's outputs before running it, so
+        # data/weights/ is gone whatever the weights are (a tag or a file path writes nothing else there).
+        with paths.atomic_target(Path(path)) as partial:
+            partial.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "ResolvedWeights":
@@ -172,10 +175,7 @@ def _download_tag(arch: str, tag: str) -> str:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         repo_id, filename = os.path.split(cfg["hf_hub"])
-        filename = filename or "open_clip_pytorch_model.bin"
-        candidates = [filename]
-        if filename.endswith(".bin"):
-            candidates.insert(0, filename[:-4] + ".safetensors")
+        candidates = hub_filenames(filename)
         for name in candidates:
             try:
                 return hf_hub_download(repo_id, name, local_files_only=True)
@@ -202,6 +202,21 @@ def _download_tag(arch: str, tag: str) -> str:
             raise WeightsError(_offline_message(arch, tag, f"{host} is not reachable"))
         return open_clip.pretrained.download_pretrained_from_url(url)
     raise WeightsError(f"open_clip has no download location for {arch}/{tag}; give a local checkpoint path.")
+
+
+def hub_filenames(filename: str) -> list:
+    """The files of a hub repository that hold a tag's weights, in the order open_clip downloads them
+    (``download_pretrained_from_hf``): the safetensors twin first. The default ``.bin``'s twin is
+    ``open_clip_model.safetensors`` (not ``open_clip_pytorch_model.safetensors``); looking for the
+    wrong name missed caches open_clip had filled and, offline, reported them as absent."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    filename = filename or HF_WEIGHTS_NAME
+    if filename == HF_WEIGHTS_NAME:
+        return [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
 
 
 def _reachable(host: str, timeout: float = 3.0) -> bool:
