@@ -239,6 +239,28 @@ def test_pipeline_without_validation_trains_every_listed_image_and_records_the_p
             "has nothing to choose on: set `train.select: last`") in failed.stdout + failed.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("train_select,posthoc,refusal", [
+    ("best_val", "none", "ltpipe error: there is no validation split (`prepare.val_fraction` is 0), so "
+                         "`train.select: best_val` has nothing to choose on: set `train.select: last`"),
+    ("last", "logit_adjust", "ltpipe error: `evaluate.posthoc: logit_adjust` chooses its tau on the validation "
+                             "split, and there is none")])
+def test_choices_needing_validation_are_refused_before_any_image_is_encoded(tmp_path, train_select, posthoc,
+                                                                             refusal):
+    # Issue 25: they were refused when train started, after extraction (hours on a benchmark).
+    overrides = dict(dvc_repo.SMALL)
+    overrides["datasets.synthetic"] = dict(overrides["datasets.synthetic"], val_per_class=0)
+    overrides["prepare"] = {"val_fraction": 0}
+    overrides["train"] = dict(epochs=2, select=train_select)
+    overrides["evaluate"] = {"posthoc": posthoc}
+    repo = dvc_repo.make(tmp_path / "repo", overrides)
+    failed = dvc_repo.run(repo, "dvc", "repro", check=False)
+    assert failed.returncode != 0
+    errors = [line for line in (failed.stdout + failed.stderr).splitlines() if line.startswith("ltpipe error:")]
+    assert len(errors) == 1 and errors[0].startswith(refusal), failed.stdout + failed.stderr
+    assert "extract" not in dvc_repo.stages_run(failed.stdout) and not (repo / "data/features").exists()
+
+
 @pytest.mark.parametrize("method", ["crt", "marc"])
 def test_stage_two_without_validation_is_kept_and_trains(tiny_features, tiny_prepared, method):
     torch.manual_seed(0)

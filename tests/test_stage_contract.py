@@ -94,8 +94,9 @@ def declared(stage: str, key: str, item: dict = None) -> bool:
 
 
 # Keys a stage reads only to refuse a choice early, never to compute an output: declaring them would
-# re-run the stage when they change. train refuses `evaluate.posthoc` values the task cannot use.
-VALIDATE_ONLY = {"train": {"evaluate.posthoc"}}
+# re-run the stage when they change. train refuses `evaluate.posthoc` values the task cannot use; prepare
+# refuses the main experiment's choices that need a validation split when the data has none (before extraction).
+VALIDATE_ONLY = {"train": {"evaluate.posthoc"}, "prepare": {"train.select", "evaluate.posthoc"}}
 
 
 @pytest.mark.parametrize("views,second,posthoc", [(0, "none", "none"), (2, "marc", "logit_adjust")])

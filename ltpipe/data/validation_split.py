@@ -4,7 +4,8 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from ltpipe.core.errors import DataError
+from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError, DataError
 from ltpipe.data.checks import class_counts
 from ltpipe.data.formats import Entry
 from ltpipe.data.source import DatasetSource, PrepareOptions
@@ -85,3 +86,27 @@ def carve_report(entries: Dict[str, List[Entry]], list_counts: np.ndarray, names
             "achieved_fraction": round(carved / listed, 4), "train_list_images": listed, "seed": options.split_seed,
             "classes_without_validation": [int(i) for i in without]}
 
+
+
+# Choices that decide on the validation split, refused where there is none. The train and evaluate stages
+# refuse them with these messages; prepare refuses the main experiment's too, before any image is encoded
+# (an extraction takes hours on a benchmark), reading them to validate only.
+POSTHOC_WITHOUT_VALIDATION = (
+    "`evaluate.posthoc: logit_adjust` chooses its tau on the validation split, and there is none "
+    "(`prepare.val_fraction: 0`): set `evaluate.posthoc: none`, or carve a validation split with "
+    "`prepare.val_fraction` > 0.")
+
+
+def select_without_validation(key: str, why: str) -> ConfigError:
+    """The refusal of ``{key}.select: best_val`` when there is no validation split (``why``)."""
+    return ConfigError(f"there is no validation split ({why}), so `{key}.select: best_val` has nothing to "
+                       f"choose on: set `{key}.select: last` (keep the last model, as the papers do on lists "
+                       "without validation), or carve one with `prepare.val_fraction` > 0.")
+
+
+def check_choices_without_validation(params: Params, why: str) -> None:
+    """Refuse the main experiment's choices that need a validation split, when the prepared data has none."""
+    if params.str("train.select") == "best_val":
+        raise select_without_validation("train", why)
+    if params.str("evaluate.posthoc") == "logit_adjust":
+        raise ConfigError(POSTHOC_WITHOUT_VALIDATION)

@@ -8,6 +8,7 @@ from ltpipe.core.options import option, parse
 from ltpipe.data.fingerprint import STAT_CACHE
 from ltpipe.data.manifest import Prepared, build, save
 from ltpipe.data.source import ON_BAD_IMAGE, PrepareOptions
+from ltpipe.data.validation_split import check_choices_without_validation
 from ltpipe.datasets.registry import DATASETS
 
 
@@ -42,6 +43,10 @@ def prepare(params: Params, out_dir: Path) -> Prepared:
     out_dir.mkdir(parents=True, exist_ok=True)
     source = DATASETS.get(name)(name, dataset_options, out_dir)
     prepared = build(source, options, hash_cache=STAT_CACHE)
+    if not prepared.split_size("val"):
+        # Before extraction, not after it: the same refusals as train's and evaluate's.
+        check_choices_without_validation(params, "`prepare.val_fraction` is 0" if prepared.report.get(
+            "validation", {}).get("none") else "every validation image was left out")
     save(prepared, out_dir)
     return prepared
 

@@ -16,6 +16,7 @@ from ltpipe.core import paths
 from ltpipe.core.config import Params
 from ltpipe.core.errors import ConfigError, DataError
 from ltpipe.data import manifest
+from ltpipe.data.validation_split import POSTHOC_WITHOUT_VALIDATION
 from ltpipe.evaluation import metrics
 from ltpipe.features.store import SplitFeatures
 
@@ -117,9 +118,7 @@ def check_posthoc(params: Params, multilabel: bool, val_images: Optional[int] = 
     refusal comes before training."""
     posthoc = params.str("evaluate.posthoc", choices=POSTHOC)
     if posthoc == "logit_adjust" and val_images == 0:
-        raise ConfigError("`evaluate.posthoc: logit_adjust` chooses its tau on the validation split, and there is "
-                          "none (`prepare.val_fraction: 0`): set `evaluate.posthoc: none`, or carve a validation "
-                          "split with `prepare.val_fraction` > 0.")
+        raise ConfigError(POSTHOC_WITHOUT_VALIDATION)
     if posthoc == "logit_adjust" and multilabel:
         raise ConfigError("`evaluate.posthoc: logit_adjust` is single-label only: on a multi-label task it would "
                           "shift each class's logits by a constant, which leaves mAP unchanged, so tau could not be "

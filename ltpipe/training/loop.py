@@ -23,6 +23,7 @@ from ltpipe.core.config import Params
 from ltpipe.core.errors import ConfigError
 from ltpipe.core.runtime import resolve_device, seed_everything, use_threads
 from ltpipe.data import manifest
+from ltpipe.data.validation_split import select_without_validation
 from ltpipe.evaluation import metrics
 from ltpipe.evaluation.inference import FeatureInput, ViewInput, predict
 from ltpipe.evaluation.results import check_features, check_posthoc, check_task
@@ -335,9 +336,7 @@ def protocol(prepared: manifest.Prepared, val_rows: int, select: str, schedule: 
     if source == "none" and select == "best_val":
         why = ("`prepare.val_fraction` is 0" if validation.get("none") else
                "every validation image was left out")
-        raise ConfigError(f"there is no validation split ({why}), so `{key}.select: best_val` has nothing to "
-                          f"choose on: set `{key}.select: last` (keep the last model, as the papers do on lists "
-                          "without validation), or carve one with `prepare.val_fraction` > 0.")
+        raise select_without_validation(key, why)
     return {"validation": source, "select": select, "schedule": schedule}
 
 
