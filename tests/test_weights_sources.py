@@ -3,6 +3,7 @@ file in each format, an open_clip tag served from a pre-filled Hugging Face cach
 off, and a paper preset end to end on that tag. The stand-ins sit only at the network boundary
 (tests/weights_standins.py); everything else is the stages as a user runs them."""
 
+import csv
 import hashlib
 import json
 import sys
@@ -98,7 +99,8 @@ def test_an_open_clip_tag_is_read_from_the_hub_cache_offline_through_dvc(repo, r
     with h5py.File(repo / "data" / "features" / "train.h5", "r") as f:
         attrs = {key: f.attrs[key] for key in ("mean", "interpolation")}
     assert json.loads(attrs["mean"]) == pytest.approx(list(cfg["mean"])) and attrs["interpolation"] == "bicubic"
-    prompts = [line.split(",")[3] for line in (repo / "data/prepared/classes.csv").read_text().splitlines()[1:]]
+    with open(repo / "data/prepared/classes.csv", newline="") as table:
+        prompts = [row["prompt"] for row in csv.DictReader(table)]
     tokens = open_clip.get_tokenizer("RN50")([f"a photo of a {p}." for p in prompts])
 
     def embed(quick_gelu: bool) -> np.ndarray:

@@ -3,7 +3,6 @@ every format `model.pretrained` accepts, a Hugging Face cache pre-filled as open
 leaves it (read with HF_HUB_OFFLINE=1, so the real tag lookup and load code runs), and a tiny tree in
 a published benchmark's layout. Nothing here is committed weights: every state dict is a random init."""
 
-import logging
 import os
 from pathlib import Path
 from typing import Dict
@@ -30,17 +29,12 @@ def checkpoint_name(fmt: str) -> str:
 
 def random_state(arch: str, seed: int, dtype=torch.float32) -> Dict[str, torch.Tensor]:
     """A seeded random init of ``arch`` (open_clip's or ltpipe's), as a state dict of ``dtype``."""
-    from ltpipe.features.models import register_project_configs
+    from ltpipe.features.models import _quiet_root_logger, register_project_configs
 
     register_project_configs()
-    root = logging.getLogger()
-    level, _ = root.level, root.setLevel(logging.ERROR)  # open_clip warns that the init is random: it is meant
-    try:
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = open_clip.create_model(arch, pretrained=None)
-    finally:
-        root.setLevel(level)
+    with torch.random.fork_rng(), _quiet_root_logger():  # open_clip warns that the init is random: it is meant
+        torch.manual_seed(seed)
+        model = open_clip.create_model(arch, pretrained=None)
     return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
 
 
