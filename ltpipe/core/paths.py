@@ -10,10 +10,17 @@ from typing import Optional
 from ltpipe.core.errors import DiskFullError
 
 DATA = Path("data")
+# Fingerprints of the dataset and checkpoint outside the repository (the `inputs` stage).
+INPUTS_DIR = DATA / "inputs"
+DATASET_INPUTS = INPUTS_DIR / "dataset.json"
+CHECKPOINT_INPUTS = INPUTS_DIR / "checkpoint.json"
 WEIGHTS_DIR = DATA / "weights"
 WEIGHTS_JSON = WEIGHTS_DIR / "weights.json"
 PREPARED_DIR = DATA / "prepared"
 FEATURES_DIR = DATA / "features"
+# The class text embeddings: a stage of their own, so new class names or templates re-encode no image.
+TEXT_DIR = DATA / "text"
+TEXT_FEATURES = TEXT_DIR / "text.h5"
 # Extraction shards: not a DVC output, so a failed run's work survives DVC deleting data/features.
 PARTIAL_DIR = DATA / "partial"
 MODELS_DIR = DATA / "models"

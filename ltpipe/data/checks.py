@@ -70,7 +70,7 @@ def check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> Dict[
         # In place, and only where a path needs it: a copy of every path doubles the memory of big lists.
         for index, (rel, labels) in enumerate(items):
             if _NOT_NORMAL.search(rel):
-                items[index] = (posixpath.normpath(rel.replace("\\", "/")), labels)
+                items[index] = (normalised_path(rel), labels)
         seen, dupes = set(), []
         for rel, _ in items:
             if rel in seen:
@@ -81,6 +81,11 @@ def check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> Dict[
                             "Remove the duplicate lines.")
         normalised[split] = items
     return normalised
+
+
+def normalised_path(rel: str) -> str:
+    """A list's path as prepare records it: ``./a.jpg``, ``a//b.jpg`` and ``a\\b.jpg`` are ``a.jpg``, ``a/b.jpg``."""
+    return posixpath.normpath(rel.replace("\\", "/")) if _NOT_NORMAL.search(rel) else rel
 
 
 def check_labels(entries: Dict[str, List[Entry]], num_classes: int, source: DatasetSource) -> None:

@@ -4,7 +4,8 @@ Prepare records each image's SHA-256 in ``manifest.csv``, so the prepared output
 output) changes exactly when some image's bytes change, on any machine: no sizes, times or
 inodes enter it. Extraction and fine-tuning check each image against its hash as they read it.
 
-The cache (a SQLite file under ``data/partial/``, outside every DVC output) maps a file's
+The cache (one SQLite file per user, :func:`stat_cache_path`, outside every repository, so the
+`inputs` stage, prepare and every queued experiment's temporary copy share it) maps a file's
 absolute path and its ``size:mtime_ns:ctime_ns:inode:device`` to the hash. A file
 rewritten in place with its size and mtime restored (``os.utime``) still gets a new ctime,
 which no user can set, so it is hashed again. As in git's "racy git" rule, an entry is
@@ -15,22 +16,35 @@ Losing the cache costs one re-read of every image, nothing else; a cache that ca
 opened, read or written (full or read-only disk, lock) is a WARNING, never an error.
 """
 
+import errno
 import os
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from ltpipe.core import paths
 from ltpipe.core.errors import DataError
 from ltpipe.data import images
 
-STAT_CACHE = paths.PARTIAL_DIR / "prepare-hashes.sqlite"
+CACHE_DIR_VARIABLE = "LTPIPE_CACHE_DIR"
 RACY_SECONDS = 2.0
 # The stat key is text: inode and device numbers of some network and FUSE filesystems pass
 # 2**63, which SQLite's integers cannot hold.
 _SCHEMA = "CREATE TABLE IF NOT EXISTS file_hashes (path TEXT PRIMARY KEY, stat TEXT, algorithm TEXT, hash TEXT)"
+
+
+def stat_cache_path() -> Path:
+    """``$LTPIPE_CACHE_DIR/file-hashes.sqlite``, else under ``$XDG_CACHE_HOME/ltpipe`` (``~/.cache/ltpipe``).
+
+    Per user, not per repository: its keys are absolute paths with inode and device, valid in any
+    checkout, and a queued experiment (``dvc exp run --queue``) runs in a fresh copy of the repository."""
+    folder = os.environ.get(CACHE_DIR_VARIABLE)
+    if not folder:
+        folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                              "ltpipe")
+    return Path(folder) / "file-hashes.sqlite"
 
 
 @dataclass
@@ -83,11 +97,16 @@ class _Cache:
             self.close()
             return default
 
-    def known(self) -> dict:
+    def known(self, under: str) -> dict:
+        """The entries of files under the folder ``under`` (a range of the primary key: the cache may hold
+        other datasets' files too, and reading them would cost time in proportion to them)."""
         if self.connection is None:
             return {}
+        prefix = under.rstrip(os.sep) + os.sep
+        # os.sep + 1 sorts right after every path that starts with the prefix.
+        end = prefix[:-1] + chr(ord(os.sep) + 1)
         return self._attempt("be read", lambda: {row[0]: row[1:] for row in self.connection.execute(
-            "SELECT path, stat, algorithm, hash FROM file_hashes")}, {})
+            "SELECT path, stat, algorithm, hash FROM file_hashes WHERE path >= ? AND path < ?", (prefix, end))}, {})
 
     def store(self, rows: list) -> None:
         if self.connection is not None and rows:
@@ -102,17 +121,37 @@ class _Cache:
             self.connection = None
 
 
-def hash_files(root: Path, rel_paths: Sequence[str], cache_path: Optional[Path] = STAT_CACHE
+def _absolute(root: str, rel: str) -> str:
+    # root is absolute and rel normalised (prepare's check_paths): a join is enough, and much cheaper
+    # than os.path.abspath on a 437k-line list.
+    if os.path.isabs(rel) or _NOT_PLAIN.search(rel):
+        return os.path.abspath(os.path.join(root, rel))
+    return root + os.sep + rel if root != os.sep else os.sep + rel
+
+
+_NOT_PLAIN = re.compile(r"\\|//|(^|/)\.\.?(/|$)|/$")
+
+
+def unreadable_mark(exc: OSError) -> str:
+    """What :func:`hash_files` records instead of a hash for a file it cannot read (``missing_ok``)."""
+    return "!" + (errno.errorcode.get(exc.errno, "") if exc.errno else type(exc).__name__)
+
+
+def hash_files(root: Path, rel_paths: Sequence[str], cache_path: Optional[Path], missing_ok: bool = False
                ) -> Tuple[List[str], HashStats]:
-    """The content hash of every ``root/rel`` (in order), reading only files whose stat changed."""
+    """The content hash of every ``root/rel`` (in order), reading only files whose stat changed.
+
+    A file that cannot be read is an error naming it, or with ``missing_ok`` its
+    :func:`unreadable_mark` (the `inputs` stage records it; prepare then says what is wrong)."""
     started = time.perf_counter()
     stats = HashStats(files=len(rel_paths))
     cache = _Cache(cache_path)
+    root_abs = os.path.abspath(root)
     try:
-        known = cache.known()
+        known = cache.known(root_abs)
         hashes, fresh = [], []
         for rel in rel_paths:
-            full = os.path.abspath(os.path.join(root, rel))
+            full = _absolute(root_abs, rel)
             try:
                 st = os.stat(full)
                 entry = known.get(full)
@@ -122,6 +161,9 @@ def hash_files(root: Path, rel_paths: Sequence[str], cache_path: Optional[Path] 
                 data = images.read_bytes(full)
                 after = os.stat(full)
             except OSError as exc:
+                if missing_ok:
+                    hashes.append(unreadable_mark(exc))
+                    continue
                 raise DataError(f"cannot read image {full} to record its content hash ({type(exc).__name__}: "
                                 f"{exc.strerror or exc}). Make it readable, or remove it from the list.") from None
             digest = images.content_hash(data)
@@ -137,3 +179,9 @@ def hash_files(root: Path, rel_paths: Sequence[str], cache_path: Optional[Path] 
         cache.close()
     stats.seconds = time.perf_counter() - started
     return hashes, stats
+
+
+def hash_file(path: Path, cache_path: Optional[Path], missing_ok: bool = False) -> str:
+    """The content hash of one file (a list, a checkpoint, an archive part), through the same stat cache."""
+    path = Path(os.path.abspath(path))
+    return hash_files(path.parent, [path.name], cache_path, missing_ok)[0][0]

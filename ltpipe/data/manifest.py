@@ -259,7 +259,10 @@ def save(prepared: Prepared, out_dir: Path) -> None:
     (out_dir / "report.json").write_text(json.dumps(prepared.report, indent=2) + "\n")
 
 
-def load(prepared_dir: Path) -> Prepared:
+def load(prepared_dir: Path, tables: Tuple[str, ...] = ("manifest", "classes", "report")) -> Prepared:
+    """The prepared dataset; dataset.json and only the ``tables`` a stage declares in dvc.yaml are read.
+    Without ``manifest`` it has no image; without ``classes`` its class table holds only ``index`` (the
+    class count comes from dataset.json); without ``report``, an empty report."""
     import pandas as pd
 
     prepared_dir = Path(prepared_dir)
@@ -267,13 +270,19 @@ def load(prepared_dir: Path) -> Prepared:
     if not meta_path.is_file():
         raise DataError(f"{meta_path} not found: the prepare stage has not run. Run `dvc repro prepare`.")
     meta = json.loads(meta_path.read_text())
-    manifest = pd.read_csv(prepared_dir / "manifest.csv", dtype={"labels": str, "sha256": str},
-                           keep_default_na=False)
-    # Ids and names stay text even when they look like numbers (iNat ids, classes named "1").
-    classes = pd.read_csv(prepared_dir / "classes.csv", keep_default_na=False,
-                          dtype={"id": str, "name": str, "prompt": str})
+    if "manifest" in tables:
+        manifest = pd.read_csv(prepared_dir / "manifest.csv", dtype={"labels": str, "sha256": str},
+                               keep_default_na=False)
+    else:
+        manifest = pd.DataFrame({"split": [], "path": [], "labels": [], "sha256": []}, dtype=str)
+    if "classes" in tables:
+        # Ids and names stay text even when they look like numbers (iNat ids, classes named "1").
+        classes = pd.read_csv(prepared_dir / "classes.csv", keep_default_na=False,
+                              dtype={"id": str, "name": str, "prompt": str})
+    else:
+        classes = pd.DataFrame({"index": np.arange(meta["num_classes"])})
     report_path = prepared_dir / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report = json.loads(report_path.read_text()) if report_path.is_file() and "report" in tables else {}
     return Prepared(meta["name"], meta["task"] == "multi", Path(meta["root"]), manifest, classes, report)
 
 

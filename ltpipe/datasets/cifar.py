@@ -41,6 +41,13 @@ def safe_unpickle(path: Path) -> dict:
                         "archive from the CIFAR page and extract it under the dataset root.") from None
 
 
+def archive_files(root: Path, num_classes: int) -> List[Path]:
+    """The archive files :func:`load_archive` reads."""
+    spec = ARCHIVES[num_classes]
+    folder = Path(root) / spec["folder"]
+    return [folder / name for name in (spec["meta"], *spec["train"], *spec["test"])]
+
+
 def load_archive(root: Path, num_classes: int) -> Tuple[Dict[str, Tuple[np.ndarray, np.ndarray]], List[str]]:
     spec = ARCHIVES[num_classes]
     folder = Path(root) / spec["folder"]

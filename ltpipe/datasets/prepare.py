@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ltpipe.core.config import Params
 from ltpipe.core.options import option, parse
-from ltpipe.data.fingerprint import STAT_CACHE
+from ltpipe.data.fingerprint import stat_cache_path
 from ltpipe.data.manifest import Prepared, build, save
 from ltpipe.data.source import ON_BAD_IMAGE, PrepareOptions
 from ltpipe.data.validation_split import check_choices_without_validation
@@ -42,7 +42,7 @@ def prepare(params: Params, out_dir: Path) -> Prepared:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = DATASETS.get(name)(name, dataset_options, out_dir)
-    prepared = build(source, options, hash_cache=STAT_CACHE)
+    prepared = build(source, options, hash_cache=stat_cache_path())
     if not prepared.split_size("val"):
         # Before extraction, not after it: the same refusals as train's and evaluate's.
         check_choices_without_validation(params, "`prepare.val_fraction` is 0" if prepared.report.get(
@@ -79,7 +79,7 @@ def run_stage(params: Params) -> Prepared:
     if prepared.hash_stats is not None:
         stats = prepared.hash_stats
         print(f"  content hashes: {stats.read} image(s) read ({stats.bytes_read / 1e6:.1f} MB), {stats.cached} "
-              f"unchanged since the last prepare (stat cache {STAT_CACHE}), {stats.seconds:.1f}s")
+              f"unchanged since they were last hashed (stat cache {stat_cache_path()}), {stats.seconds:.1f}s")
     if "scan" in report:
         scan = report["scan"]
         print(f"  scanned {scan['images']} images: {scan['converted_to_rgb']} not RGB (converted at extraction), "

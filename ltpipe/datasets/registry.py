@@ -12,7 +12,7 @@ to the dataset's ``root`` unless absolute.
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 from ltpipe.core.errors import ConfigError, DataError
 from ltpipe.core.options import option
@@ -27,10 +27,11 @@ DATASETS: Registry[DatasetFactory] = Registry("dataset", "dataset", section="dat
 ROOT_DOC = "folder of the images; list and class-name paths are relative to it unless absolute"
 
 
-def register(name: str, options: type, *, tasks: tuple, source: str):
+def register(name: str, options: type, *, tasks: tuple, source: str, **capabilities):
     """Register a dataset factory under ``name`` with its options dataclass and capabilities:
-    ``tasks`` (``single``, ``multi``) and ``source`` (``generated``, ``archive`` or ``lists``)."""
-    return DATASETS.register(name, options, tasks=tasks, source=source)
+    ``tasks`` (``single``, ``multi``) and ``source`` (``generated``, ``archive`` or ``lists``; an
+    ``archive`` dataset also names its files: ``archive_files(root) -> [Path]``)."""
+    return DATASETS.register(name, options, tasks=tasks, source=source, **capabilities)
 
 
 def _synthetic_options(class_name: str, omit: tuple = (), **defaults) -> type:
@@ -159,8 +160,10 @@ def _cifar(num_classes: int):
     return factory
 
 
-register("cifar10_lt", CifarOptions, tasks=("single",), source="archive")(_cifar(10))
-register("cifar100_lt", CifarOptions, tasks=("single",), source="archive")(_cifar(100))
+register("cifar10_lt", CifarOptions, tasks=("single",), source="archive",
+         archive_files=lambda root: cifar.archive_files(root, 10))(_cifar(10))
+register("cifar100_lt", CifarOptions, tasks=("single",), source="archive",
+         archive_files=lambda root: cifar.archive_files(root, 100))(_cifar(100))
 
 CustomOptions = _listed_options(
     "CustomOptions", None, None, None, None,
@@ -172,3 +175,28 @@ CustomOptions = _listed_options(
 def _custom(name: str, options, out_dir: Path) -> DatasetSource:
     """The user's own data: an image root, list files and a class-name file."""
     return _listed(name, options, options.multilabel, options.names_format, None)
+
+
+@dataclass(frozen=True)
+class DatasetInputs:
+    """What a dataset reads from outside the repository: the `inputs` stage's fingerprint covers it."""
+
+    root: Path
+    files: Dict[str, Path]  # read whole, by role: the list and class-name files, or the archive's files
+    lists: Dict[str, Path]  # split -> its list file: every image it lists is an input too
+    multilabel: bool = False
+
+
+def dataset_inputs(name: str, options) -> Optional[DatasetInputs]:
+    """The files ``name`` reads with ``options``; None for a dataset generated from its options alone.
+    Reads nothing: a `lists` dataset's factory only names its files, an `archive` one names them here."""
+    source = DATASETS.capability(name, "source")
+    if source == "generated":
+        return None
+    if source == "archive":
+        root = _root(name, options)
+        return DatasetInputs(root, {path.name: path for path in DATASETS.capability(name, "archive_files")(root)}, {})
+    listed = DATASETS.get(name)(name, options, None)
+    lists = {split: path for split, path in listed.lists.items() if path is not None}
+    return DatasetInputs(Path(listed.root), {**{f"{split}_list": path for split, path in lists.items()},
+                                             "classnames": listed.classnames}, lists, listed.multilabel)

@@ -1,4 +1,4 @@
-"""Image and text feature extraction with open_clip into the HDF5 cache.
+"""Image and text feature extraction with open_clip into the HDF5 cache (stages `extract` and `text`).
 
 Every split is extracted in checkpointed shards (a killed run resumes from the shards it
 finished) and assembled into one file by :mod:`ltpipe.features.store`; with
@@ -346,21 +346,26 @@ def extract_text(model, tokenizer, prompts: Sequence[str], template_set: str, ou
                      dict(base_attrs, templates=template_set, logit_scale=logit_scale))
 
 
-def run(prepared: Prepared, weights: models.ResolvedWeights, options: ExtractOptions, out_dir: Path,
-        device: torch.device, precision: str, work_root: Optional[Path] = None,
-        workers: Workers = Workers()) -> Dict:
-    """Extract every split and the class text embeddings. Shards go to ``work_root``
-    (default: ``partial/`` beside ``out_dir``), which must outlive a failed run."""
-    options.validate()
-    out_dir = Path(out_dir)
-    work_root = Path(work_root) if work_root is not None else out_dir.parent / "partial"
-    model, preprocess, tokenizer = models.load(weights, device)
+def feature_attrs(weights: models.ResolvedWeights, prepared: Prepared, model) -> Dict:
+    """What every feature file records of the model and data it was computed from."""
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-    base_attrs = dict(
+    return dict(
         arch=weights.arch, pretrained=weights.pretrained or "", weights_sha256=weights.sha256,
         dataset=prepared.name, task=prepared.task, num_classes=prepared.num_classes,
         ltpipe_version=ltpipe.__version__, **preprocess_attrs(cfg),
     )
+
+
+def run(prepared: Prepared, weights: models.ResolvedWeights, options: ExtractOptions, out_dir: Path,
+        device: torch.device, precision: str, work_root: Optional[Path] = None,
+        workers: Workers = Workers()) -> Dict:
+    """Extract the image features of every split (the class text embeddings: :func:`run_text`). Shards
+    go to ``work_root`` (default: ``partial/`` beside ``out_dir``), which must outlive a failed run."""
+    options.validate()
+    out_dir = Path(out_dir)
+    work_root = Path(work_root) if work_root is not None else out_dir.parent / "partial"
+    model, preprocess, _ = models.load(weights, device)
+    base_attrs = feature_attrs(weights, prepared, model)
     report = {}
     for split in ("train", "val", "test"):
         report[split] = extract_split(model, preprocess, prepared, split, out_dir / f"{split}.h5",
@@ -368,10 +373,15 @@ def run(prepared: Prepared, weights: models.ResolvedWeights, options: ExtractOpt
     if options.views > 0:
         report["train_views"] = extract_views(model, prepared, out_dir / "train_views.h5", options, device,
                                               precision, base_attrs, work_root, workers)
-    if workers.rank == 0:
-        extract_text(model, tokenizer, prepared.classes["prompt"].tolist(), options.templates,
-                     out_dir / "text.h5", device, precision, base_attrs)
     return report
+
+
+def run_text(prepared: Prepared, weights: models.ResolvedWeights, templates: str, out_path: Path,
+             device: torch.device, precision: str) -> None:
+    """The text embedding of every class prompt of ``prepared`` under the template set ``templates``."""
+    model, _, tokenizer = models.load(weights, device)
+    extract_text(model, tokenizer, prepared.classes["prompt"].tolist(), templates, out_path, device, precision,
+                 feature_attrs(weights, prepared, model))
 
 
 def distributed_workers(device_name: str):
@@ -389,11 +399,12 @@ def distributed_workers(device_name: str):
 
 
 def run_stage(params: Params) -> Dict:
-    """The `extract` stage: image features of every split and class-name text embeddings."""
-    options = options_from_params(params)
+    """The `extract` stage: the image features of every split."""
+    options = options_from_params(params)  # all of `extract`, so a bad `extract.templates` is refused here too
     precision_name = params.str("model.precision")
     weights = models.ResolvedWeights.load(paths.WEIGHTS_JSON)
-    prepared = manifest.load(paths.PREPARED_DIR)
+    # Not classes.csv: new class names must re-encode no image (dvc.yaml lists what extract reads).
+    prepared = manifest.load(paths.PREPARED_DIR, tables=("manifest",))
     workers, device = distributed_workers(params.str("model.device"))
     precision = resolve_precision(precision_name, device)
     threads = use_threads(read_threads(params), None, "the image encoder")
@@ -415,3 +426,18 @@ def run_stage(params: Params) -> Dict:
                   f"{paths.FEATURES_DIR / (split + '.h5')} (datasets `skipped_paths`, `skipped_errors`) "
                   f"and in {paths.EXTRACT_REPORT}.")
     return report
+
+
+def run_text_stage(params: Params) -> None:
+    """The `text` stage: the class text embeddings (`extract.templates`), apart from the image features so
+    that new class names or templates re-encode no image."""
+    templates = options_from_params(params).templates  # the whole section checked, as extract does
+    weights = models.ResolvedWeights.load(paths.WEIGHTS_JSON)
+    prepared = manifest.load(paths.PREPARED_DIR, tables=("classes",))
+    device = resolve_device(params.str("model.device"))
+    precision = resolve_precision(params.str("model.precision"), device)
+    use_threads(read_threads(params), None, "the text encoder")
+    started = time.perf_counter()
+    run_text(prepared, weights, templates, paths.TEXT_FEATURES, device, precision)
+    print(f"text: {prepared.num_classes} class prompts x template set {templates!r} in "
+          f"{time.perf_counter() - started:.1f}s -> {paths.TEXT_FEATURES}")
