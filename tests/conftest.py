@@ -1,5 +1,6 @@
 import inspect
 import os
+import tempfile
 import types
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from ltpipe.data.source import DatasetSource
 from ltpipe.datasets.synthetic import SyntheticSpec, generate
 
 REPO = Path(__file__).resolve().parents[1]
+# The per-user stat cache of content hashes (ltpipe.data.fingerprint): one of the test session's own, not
+# the user's; subprocesses (dvc repro in temporary repositories) inherit it.
+os.environ.setdefault("LTPIPE_CACHE_DIR", tempfile.mkdtemp(prefix="ltpipe-test-cache-"))
 # A dataset small enough to extract in a second with the tiny model.
 TINY = dict(classes=6, imbalance=10, max_per_class=40, val_per_class=4, test_per_class=6, image_size=32, seed=0)
 
@@ -59,6 +63,7 @@ def tiny_features(tmp_path_factory, tiny_prepared, tiny_weights):
     out = tmp_path_factory.mktemp("features")
     options = extract.ExtractOptions(batch_size=16, workers=0)
     extract.run(tiny_prepared, tiny_weights, options, out, torch.device("cpu"), "fp32")
+    extract.run_text(tiny_prepared, tiny_weights, options.templates, out / "text.h5", torch.device("cpu"), "fp32")
     return out
 
 

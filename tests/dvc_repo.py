@@ -73,5 +73,21 @@ def make(path: Path, overrides=SMALL) -> Path:
     return path
 
 
-def stages_run(output: str) -> list:
-    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+ALWAYS_RUN = "inputs"  # fingerprints the data outside the repository on every repro (always_changed)
+
+
+def stages_run(output: str, include_inputs: bool = False) -> list:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran; `inputs`, which runs every time
+    and leaves the rest skipped when its fingerprints are unchanged, only with ``include_inputs``."""
+    ran = [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+    return ran if include_inputs else [stage for stage in ran if stage != ALWAYS_RUN]
+
+
+def stale_stages(repo: Path, target: Optional[str] = None) -> dict:
+    """`dvc status` of ``repo`` (of ``target`` and the stages before it) but the `inputs` stage's
+    permanent "always changed": {} when up to date."""
+    import json
+
+    status = json.loads(run(repo, "dvc", "status", "--json", *(["--with-deps", target] if target else [])).stdout)
+    return {stage: entries for stage, entries in status.items()
+            if not (stage == ALWAYS_RUN and entries == ["always changed"])}

@@ -45,7 +45,7 @@ def test_crash_then_resume_gives_the_same_bytes(tmp_path, tiny_prepared, tiny_we
     report = extract.run(tiny_prepared, tiny_weights, options, tmp_path / "features", torch.device("cpu"),
                          "fp32", tmp_path / "partial")
     assert report["train"]["resumed_images"] == 64
-    for name in ("train.h5", "val.h5", "test.h5", "text.h5"):
+    for name in ("train.h5", "val.h5", "test.h5"):
         assert sha(tmp_path / "features" / name) == sha(tiny_features / name), name
     assert not list((tmp_path / "partial").iterdir()), "shards are removed once assembled"
 
@@ -103,7 +103,7 @@ def test_sigkill_mid_extraction_then_resume(tmp_path, tiny_weights):
     assert not (killed / "data/features/train.h5").exists(), "the output path never holds a partial file"
     result = run_stage(killed)
     assert result.returncode == 0
-    for name in ("train.h5", "val.h5", "test.h5", "text.h5"):
+    for name in ("train.h5", "val.h5", "test.h5"):
         assert sha(killed / "data/features" / name) == sha(reference / "data/features" / name), name
 
 
@@ -111,13 +111,13 @@ def test_sigkill_mid_extraction_then_resume(tmp_path, tiny_weights):
 def test_torchrun_two_processes_match_one(tmp_path, tiny_weights, tiny_prepared):
     one = project(tmp_path / "one", tiny_weights, tiny_prepared, batch_size=8, checkpoint_every=16)
     two = project(tmp_path / "two", tiny_weights, tiny_prepared, batch_size=8, checkpoint_every=16)
-    # torchrun gives each process one thread; float32 results (the text embeddings) can differ in the
-    # last bit with the thread count, so the single-process reference uses one thread too.
+    # torchrun gives each process one thread; float32 results can differ in the last bit with the
+    # thread count, so the single-process reference uses one thread too.
     run_stage(one, OMP_NUM_THREADS="1")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     result = run_stage(two, torchrun, "--standalone", "--nproc_per_node", "2", check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("train.h5", "val.h5", "test.h5", "text.h5"):
+    for name in ("train.h5", "val.h5", "test.h5"):
         assert sha(two / "data/features" / name) == sha(one / "data/features" / name), name
     report = yaml.safe_load((two / "metrics/extract_report.json").read_text())
     assert report["train"]["images"] == len(tiny_prepared.split("train"))

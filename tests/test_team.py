@@ -38,10 +38,10 @@ def team(tmp_path_factory):
     assert "Running stage 'extract'" in dvc_repo.run(gpu, "dvc", "repro", "evaluate").stdout
     _git_push(gpu)
     dvc_repo.run(gpu, "dvc", "push")
-    # Two experiments: another loss (shared with `dvc exp push`) and other prompt templates (re-extracts:
-    # its extraction is what the run-cache lets a clone restore).
+    # Two experiments: another loss (shared with `dvc exp push`) and float32 features (re-extracts: its
+    # extraction is what the run-cache lets a clone restore).
     dvc_repo.run(gpu, "dvc", "exp", "run", "-n", "bsm", "-S", "loss=bsm", "evaluate")
-    dvc_repo.run(gpu, "dvc", "exp", "run", "-n", "templates", "-S", "extract.templates=imagenet80", "evaluate")
+    dvc_repo.run(gpu, "dvc", "exp", "run", "-n", "float32", "-S", "extract.dtype=float32", "evaluate")
     dvc_repo.run(gpu, "dvc", "exp", "push", "origin", "bsm")
     dvc_repo.run(gpu, "dvc", "push", "--run-cache")
     # `dvc exp run` leaves the last experiment in the workspace: back to the commit the clones get.
@@ -68,8 +68,8 @@ def test_a_clone_pulls_the_cache_trains_without_extracting_and_shares_experiment
     dvc_repo.run(cpu, "dvc", "pull", "--with-deps", "evaluate")
     assert dvc_repo.stages_run(dvc_repo.run(cpu, "dvc", "repro", "evaluate").stdout) == []
     assert (cpu / "metrics/eval.json").read_bytes() == (gpu / "metrics/eval.json").read_bytes()
-    for name in ("train.h5", "val.h5", "test.h5", "text.h5"):
-        assert (cpu / "data/features" / name).read_bytes() == (gpu / "data/features" / name).read_bytes()
+    for name in ("features/train.h5", "features/val.h5", "features/test.h5", "text/text.h5"):
+        assert (cpu / "data" / name).read_bytes() == (gpu / "data" / name).read_bytes()
     # Nothing the GPU machine wrote names a path of its own: outputs are the same bytes anywhere.
     for path in [*(cpu / "data").rglob("*"), *(cpu / "metrics").rglob("*"), cpu / "dvc.lock"]:
         if path.is_file():
@@ -90,15 +90,15 @@ def test_the_run_cache_restores_an_extraction_a_clone_never_ran(team):
     cpu = _clone(team, "cpu-runcache")
     params = cpu / "params.yaml"
     data = yaml.safe_load(params.read_text())
-    data["extract"]["templates"] = "imagenet80"  # what the GPU machine's `templates` experiment extracted
+    data["extract"]["dtype"] = "float32"  # what the GPU machine's `float32` experiment extracted
     params.write_text(yaml.safe_dump(data, sort_keys=False))
     out = dvc_repo.run(cpu, "dvc", "repro", "--pull", "evaluate").stdout
     assert "Stage 'extract' is cached - skipping run, checking out outputs" in out
     assert dvc_repo.stages_run(out) == ["train", "evaluate"]  # their outputs are not cached: they always run
     import h5py
 
-    with h5py.File(cpu / "data/features/text.h5", "r") as fh:
-        assert fh.attrs["templates"] == "imagenet80"
+    with h5py.File(cpu / "data/features/train.h5", "r") as fh:
+        assert fh["pooled"].dtype == "float32"
 
 
 def _inodes(root: Path) -> dict:
@@ -143,8 +143,8 @@ def test_an_interrupted_pull_completes_when_run_again(team):
         pytest.fail("dvc pull finished before every kill: the interruption was never injected")
     dvc_repo.run(cpu, "dvc", "pull", "--with-deps", "evaluate")
     assert "in sync" in dvc_repo.run(cpu, "dvc", "status", "--cloud", "extract").stdout
-    for name in ("train.h5", "val.h5", "test.h5", "text.h5"):
-        assert (cpu / "data/features" / name).read_bytes() == (gpu / "data/features" / name).read_bytes()
+    for name in ("features/train.h5", "features/val.h5", "features/test.h5", "text/text.h5"):
+        assert (cpu / "data" / name).read_bytes() == (gpu / "data" / name).read_bytes()
     assert dvc_repo.stages_run(dvc_repo.run(cpu, "dvc", "repro", "evaluate").stdout) == []
 
 

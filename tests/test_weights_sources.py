@@ -28,7 +28,7 @@ from tests.weights_standins import (
 
 pytestmark = pytest.mark.slow
 WEIGHTS_JSON = "data/weights/weights.json"
-TEXT_H5 = "data/features/text.h5"
+TEXT_H5 = "data/text/text.h5"
 
 
 def sha256(path: Path) -> str:
@@ -87,8 +87,8 @@ def test_a_local_checkpoint_in_every_format_runs_through_dvc(repo, tmp_path):
 def test_an_open_clip_tag_is_read_from_the_hub_cache_offline_through_dvc(repo, rn50_hub):
     home, standin = rn50_hub
     result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "model.arch=RN50", "-S", "model.pretrained=openai",
-                          "extract", extra_env=hub_env(home))
-    assert {"weights", "extract"} <= set(dvc_repo.stages_run(result.stdout))
+                          "extract", "text", extra_env=hub_env(home))
+    assert {"weights", "extract", "text"} <= set(dvc_repo.stages_run(result.stdout))
     recorded = json.loads((repo / WEIGHTS_JSON).read_text())
     assert Path(recorded["checkpoint"]).resolve() == standin.resolve() and recorded["sha256"] == sha256(standin)
     # The tag's settings, which open_clip applies only when given the tag: QuickGELU (OpenAI trained with

@@ -161,7 +161,7 @@ def check_hash(data: bytes, expected_hash: str, path) -> None:
     if found != expected_hash:
         raise DataError(
             f"image {path} changed since prepare recorded it ({HASH_NAME} {found[:12]}..., recorded "
-            f"{expected_hash[:12]}...): its features would not match data/prepared. Run `dvc repro -f prepare`, "
-            "then `dvc repro`.")
+            f"{expected_hash[:12]}...): its features would not match data/prepared. Run `dvc repro` again: "
+            "its `inputs` stage sees the new bytes, and prepare records them.")
 
 

@@ -38,6 +38,8 @@ def mini(tmp_path_factory, tiny_weights):
                                  test_per_class=2))
     options = extract.ExtractOptions(batch_size=8, workers=0, views=2)
     extract.run(prepared, tiny_weights, options, root / "features", torch.device("cpu"), "fp32", root / "partial")
+    extract.run_text(prepared, tiny_weights, options.templates, root / "features" / "text.h5", torch.device("cpu"),
+                     "fp32")
     return prepared, root / "features"
 
 

@@ -1,5 +1,5 @@
 """Reliability (issue 15): the disk fills up while extraction saves a shard, assembles an
-HDF5 split file, or writes text.h5.
+HDF5 split file, or (the text stage, after it) writes text.h5.
 
 The fault is a real ENOSPC from the kernel, two ways: a small tmpfs mounted where the
 files go (needs root with CAP_SYS_ADMIN, as in CI; skipped with the reason otherwise),
@@ -52,8 +52,13 @@ def reference(tmp_path_factory, tiny_weights):
 
 
 def run(prepared, weights, where: Path):
-    return extract.run(prepared, weights, extract.ExtractOptions(**OPTIONS), where / "features",
-                       torch.device("cpu"), "fp32", where / "partial")
+    """The extract stage, then the text stage, writing into one folder (as the DAG runs them)."""
+    options = extract.ExtractOptions(**OPTIONS)
+    report = extract.run(prepared, weights, options, where / "features", torch.device("cpu"), "fp32",
+                         where / "partial")
+    extract.run_text(prepared, weights, options.templates, where / "features" / "text.h5", torch.device("cpu"),
+                     "fp32")
+    return report
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from tests.conftest import REPO, make_source
 from tests.dvc_repo import env
 from tests.test_extract_resume import project, run_stage
 
-FILES = ("train.h5", "val.h5", "test.h5", "text.h5")
+FILES = ("train.h5", "val.h5", "test.h5")
 
 
 def sha(path):
@@ -90,7 +90,7 @@ def test_extraction_killed_at_five_points_resumes_to_the_same_bytes(tmp_path, ti
                 time.sleep(0.005)
             process.send_signal(signal.SIGKILL)
             process.wait()
-        assert not (killed / "data/features/text.h5").exists(), "the last kill came after the run had finished"
+        assert not (killed / "data/features/test.h5").exists(), "the last kill came after the run had finished"
         run_stage(killed)
     finally:
         watcher.stop.set()

@@ -12,7 +12,7 @@ For each: prepare's recorded hash follows the bytes, with its stat cache warm (n
 and really used: unchanged files are not re-read); extraction refuses a file changed after
 prepare, naming it and the fix, even under ``on_bad_image: skip``; and an interrupted
 extraction resumed after prepare re-ran recomputes instead of reusing shards of the old
-pixels. The end-to-end check through ``dvc repro`` is ``test_dvc_remedy`` (slow).
+pixels. The end-to-end check through ``dvc repro`` is ``test_dvc_repro_sees_it`` (slow).
 """
 
 import hashlib
@@ -141,7 +141,7 @@ def test_extract_refuses_a_file_changed_after_prepare(fault, tmp_path, clip):
             _extract(clip, prepared, out, tmp_path / "partial", skip=skip)
         message = user_message(caught.value)
         assert str(source.root / CHANGED) in message and "changed since prepare" in message, message
-        assert "`dvc repro -f prepare`, then `dvc repro`" in message, message
+        assert "Run `dvc repro` again" in message, message
         assert not out.exists()
     # Fine-tuning reads its images through the same constructor.
     with pytest.raises(DataError, match="changed since prepare"):
@@ -181,11 +181,12 @@ def test_resume_after_change_recomputes(fault, tmp_path, clip, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["rewritten_size_and_mtime_kept"], ids=["dvc_repro_f_prepare_remedy"])
-def test_dvc_remedy(fault, tmp_path):
-    """Through DVC, images outside the repository: after an in-place change, plain `dvc repro`
-    sees nothing (the documented limit: DVC does not track files outside the repository);
-    `dvc repro -f prepare` then `dvc repro` re-extracts, and the features and metrics change."""
+@pytest.mark.parametrize("fault", ["rewritten_size_and_mtime_kept"], ids=["plain_dvc_repro_sees_it"])
+def test_dvc_repro_sees_it(fault, tmp_path):
+    """Through DVC, images outside the repository: after an in-place change, a plain `dvc repro` re-runs
+    prepare and extraction (the `inputs` stage's fingerprint changed), and the features and metrics change.
+    Before the `inputs` stage it ran nothing: DVC does not see files outside the repository. The other
+    faults and edits through DVC: tests/test_input_edits.py."""
     from tests import dvc_repo
 
     source = _dataset(tmp_path / "images")
@@ -200,10 +201,8 @@ def test_dvc_remedy(fault, tmp_path):
     before = {name: (repo / name).read_bytes() for name in ("data/features/train.h5", "metrics/zeroshot.json")}
     for rel in [rel for rel, _ in TRAIN[:4]] + ["test/t0.png", "test/t1.png"]:  # zeroshot scores the test split
         inject(fault, source.root / rel)
-    assert dvc_repo.stages_run(dvc_repo.run(repo, "dvc", "repro", "zeroshot").stdout) == []
-    dvc_repo.run(repo, "dvc", "repro", "-f", "prepare")
     ran = dvc_repo.stages_run(dvc_repo.run(repo, "dvc", "repro", "zeroshot").stdout)
-    assert "extract" in ran, ran
+    assert sorted(ran) == ["extract", "prepare", "zeroshot"], ran
     train = SplitFeatures(repo / "data/features/train.h5")
     assert (repo / "data/features/train.h5").read_bytes() != before["data/features/train.h5"]
     assert train.paths[:4] == [rel for rel, _ in TRAIN[:4]]
