@@ -1,5 +1,6 @@
 """Static checks of dvc.yaml against the code and params.yaml (no DVC run)."""
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import yaml
 
 from ltpipe import heads, losses
 from ltpipe.datasets.registry import DATASETS
+from ltpipe.features.extract_options import ExtractOptions
 from ltpipe.training import stage2
 from ltpipe.training.samplers import SAMPLERS
 from tests.conftest import REPO
@@ -43,6 +45,15 @@ def test_extraction_does_not_depend_on_training_params():
         params = set(STAGES[stage]["params"])
         assert not params & {"loss", "head", "sampler", "stage2", "seed", "train", "heads", "losses"}, stage
         assert "params.yaml" not in params and None not in params
+
+
+def test_extract_declares_every_extract_option_but_the_templates():
+    # New class names or templates must re-encode no image: they are the text stage's (issue 25).
+    fields = {f"extract.{field.name}" for field in dataclasses.fields(ExtractOptions)}
+    assert set(STAGES["extract"]["params"]) - {"model.precision", "model.device", "model.threads"} == \
+        fields - {"extract.templates"}
+    assert "extract.templates" in STAGES["text"]["params"]
+    assert "data/prepared/classes.csv" not in STAGES["extract"]["deps"] and "data/prepared" not in STAGES["extract"]["deps"]
 
 
 def test_sweep_cells_have_their_own_training_section():
@@ -96,7 +107,11 @@ def declared(stage: str, key: str, item: dict = None) -> bool:
 # Keys a stage reads only to refuse a choice early, never to compute an output: declaring them would
 # re-run the stage when they change. train refuses `evaluate.posthoc` values the task cannot use; prepare
 # refuses the main experiment's choices that need a validation split when the data has none (before extraction).
-VALIDATE_ONLY = {"train": {"evaluate.posthoc"}, "prepare": {"train.select", "evaluate.posthoc"}}
+# extract and text each read the whole `extract` section, so a bad key is refused by whichever runs first,
+# but each computes from its own keys only: `templates` is the text stage's, the rest extract's.
+_EXTRACT_KEYS = {f"extract.{field.name}" for field in dataclasses.fields(ExtractOptions)}
+VALIDATE_ONLY = {"train": {"evaluate.posthoc"}, "prepare": {"train.select", "evaluate.posthoc"},
+                 "extract": {"extract.templates"}, "text": _EXTRACT_KEYS - {"extract.templates"}}
 
 
 @pytest.mark.parametrize("views,second,posthoc", [(0, "none", "none"), (2, "marc", "logit_adjust")])

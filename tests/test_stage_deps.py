@@ -47,16 +47,22 @@ def test_extraction_never_imports_the_dataset_sources(imports):
 def _fake_outputs(repo: Path) -> None:
     """Stand-ins for every stage output, so `dvc commit` can record a lock without running anything."""
     status = json.loads(run(repo, "dvc", "status", "--json").stdout)
-    for entries in status.values():
-        for entry in entries:
-            for out in entry.get("changed outs", {}):
-                path = repo / out
-                if path.suffix:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_text("stand-in\n")
-                else:
-                    path.mkdir(parents=True, exist_ok=True)
-                    (path / "stand-in").write_text("stand-in\n")
+    outs = [out for entries in status.values() for entry in entries if isinstance(entry, dict)
+            for out in entry.get("changed outs", {})]
+    # An always-changed stage's status is only "always changed", without its outputs.
+    outs += [next(iter(out)) if isinstance(out, dict) else out for stage in STAGES.values()
+             if stage.get("always_changed") for out in stage["outs"]]
+    # Files inside another stage's output folder that a stage depends on (data/prepared/manifest.csv).
+    outs += [dep for stage in STAGES.values() for dep in stage.get("deps", []) if dep.startswith("data/")
+             and Path(dep).suffix]
+    for out in outs:
+        path = repo / out
+        if path.suffix:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("stand-in\n")
+        else:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "stand-in").write_text("stand-in\n")
 
 
 def _changed_stages(repo: Path) -> set:
