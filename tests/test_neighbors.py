@@ -249,7 +249,7 @@ def test_zeroshot_head_is_the_zero_shot_classifier(tmp_path):
 
 
 def test_zeroshot_needs_matching_text_embeddings():
-    with pytest.raises(ConfigError, match=r"text embeddings.*dvc repro extract"):
+    with pytest.raises(ConfigError, match=r"text embeddings.*dvc repro text"):
         heads.build("zeroshot", None, heads.HeadContext(CLASSES, DIM, None))
     wrong = np.ones((CLASSES, DIM + 1), dtype=np.float32)
     with pytest.raises(ConfigError, match=r"17\).*16 wide.*dvc repro extract"):

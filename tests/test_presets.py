@@ -125,6 +125,7 @@ def _tiny(preset: presets.Preset) -> dict:
 def _run_stages(params: dict) -> dict:
     from ltpipe.datasets.prepare import run_stage as prepare
     from ltpipe.features.extract import run_stage as extract
+    from ltpipe.features.extract import run_text_stage as text
     from ltpipe.features.models import run_stage as weights
     from ltpipe.finetune.run import run_stage as finetune
     from ltpipe.training.loop import run_stage as train
@@ -133,6 +134,7 @@ def _run_stages(params: dict) -> dict:
     weights(p)
     prepare(p)
     extract(p)
+    text(p)
     summary = train(p)
     for mode in params["finetune"]["modes"]:
         finetune(p, mode)

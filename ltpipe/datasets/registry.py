@@ -27,11 +27,11 @@ DATASETS: Registry[DatasetFactory] = Registry("dataset", "dataset", section="dat
 ROOT_DOC = "folder of the images; list and class-name paths are relative to it unless absolute"
 
 
-def register(name: str, options: type, *, tasks: tuple, source: str, **capabilities):
+def register(name: str, options: type, *, tasks: tuple, source: str):
     """Register a dataset factory under ``name`` with its options dataclass and capabilities:
     ``tasks`` (``single``, ``multi``) and ``source`` (``generated``, ``archive`` or ``lists``; an
-    ``archive`` dataset also names its files: ``archive_files(root) -> [Path]``)."""
-    return DATASETS.register(name, options, tasks=tasks, source=source, **capabilities)
+    ``archive`` dataset's factory names the archive's files: ``factory.archive_files(root) -> [Path]``)."""
+    return DATASETS.register(name, options, tasks=tasks, source=source)
 
 
 def _synthetic_options(class_name: str, omit: tuple = (), **defaults) -> type:
@@ -157,13 +157,12 @@ def _cifar(num_classes: int):
                              root / lists["classnames"], False, "plain", num_classes)
 
     factory.__doc__ = f"CIFAR-{num_classes}-LT, built from the CIFAR-{num_classes} python archive."
+    factory.archive_files = lambda root: cifar.archive_files(root, num_classes)  # what `inputs` fingerprints
     return factory
 
 
-register("cifar10_lt", CifarOptions, tasks=("single",), source="archive",
-         archive_files=lambda root: cifar.archive_files(root, 10))(_cifar(10))
-register("cifar100_lt", CifarOptions, tasks=("single",), source="archive",
-         archive_files=lambda root: cifar.archive_files(root, 100))(_cifar(100))
+register("cifar10_lt", CifarOptions, tasks=("single",), source="archive")(_cifar(10))
+register("cifar100_lt", CifarOptions, tasks=("single",), source="archive")(_cifar(100))
 
 CustomOptions = _listed_options(
     "CustomOptions", None, None, None, None,
@@ -195,7 +194,7 @@ def dataset_inputs(name: str, options) -> Optional[DatasetInputs]:
         return None
     if source == "archive":
         root = _root(name, options)
-        return DatasetInputs(root, {path.name: path for path in DATASETS.capability(name, "archive_files")(root)}, {})
+        return DatasetInputs(root, {path.name: path for path in DATASETS.get(name).archive_files(root)}, {})
     listed = DATASETS.get(name)(name, options, None)
     lists = {split: path for split, path in listed.lists.items() if path is not None}
     return DatasetInputs(Path(listed.root), {**{f"{split}_list": path for split, path in lists.items()},

@@ -8,7 +8,7 @@ head, loss, sampler, stage-2 method, seed and the feature cache it read), so
 
 import json
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Union
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from ltpipe.core.errors import ConfigError, DataError
 from ltpipe.data import manifest
 from ltpipe.data.validation_split import POSTHOC_WITHOUT_VALIDATION
 from ltpipe.evaluation import metrics
-from ltpipe.features.store import SplitFeatures
+from ltpipe.features.store import SplitFeatures, TextFeatures
 
 TASKS = ("auto", "single", "multi")
 POSTHOC = ("none", "logit_adjust")
@@ -33,14 +33,16 @@ def check_task(params: Params, prepared: manifest.Prepared) -> bool:
     return prepared.multilabel
 
 
-def check_features(features: SplitFeatures, prepared: manifest.Prepared,
+def check_features(features: Union[SplitFeatures, TextFeatures], prepared: manifest.Prepared,
                    weights_json: Path = paths.WEIGHTS_JSON) -> None:
-    """The cache must hold this dataset's features, made by the model `weights` names now."""
+    """The cache (image features, or the text stage's class embeddings) must hold this dataset's features,
+    made by the model `weights` names now."""
+    stage = "text" if isinstance(features, TextFeatures) else "extract"
     cached = int(features.attrs.get("num_classes", -1))
     if cached != prepared.num_classes or str(features.attrs.get("dataset")) != prepared.name:
         raise DataError(
             f"{features.path} holds features of {features.attrs.get('dataset')!r} with {cached} classes, but the "
-            f"prepared dataset is {prepared.name!r} with {prepared.num_classes}. Re-run `dvc repro extract`.")
+            f"prepared dataset is {prepared.name!r} with {prepared.num_classes}. Re-run `dvc repro {stage}`.")
     weights_json = Path(weights_json)
     if not weights_json.is_file():
         return  # no weights stage here (library use): nothing to compare with
@@ -50,7 +52,7 @@ def check_features(features: SplitFeatures, prepared: manifest.Prepared,
         raise DataError(
             f"{features.path} holds features made by another model ({cache_id(features)}) than the one the "
             f"params name now ({model_id(current.get('arch'), current.get('pretrained'), current.get('sha256'))}). "
-            "Re-run `dvc repro extract`.")
+            f"Re-run `dvc repro {stage}`.")
 
 
 def model_id(arch, pretrained, sha256) -> str:

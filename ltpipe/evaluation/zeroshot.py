@@ -26,5 +26,7 @@ def run_zeroshot(params: Params) -> Dict:
     test = SplitFeatures(paths.FEATURES_DIR / "test.h5")
     check_features(test, prepared)
     warn_skipped(test)
-    logits = zeroshot_logits(test.pooled, TextFeatures(paths.TEXT_FEATURES))
+    text = TextFeatures(paths.TEXT_FEATURES)
+    check_features(text, prepared)
+    logits = zeroshot_logits(test.pooled, text)
     return write_metrics(logits, test.labels, prepared, run_fields(ZEROSHOT_RUN, prepared, test), "zeroshot")

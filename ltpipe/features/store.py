@@ -208,15 +208,16 @@ def write_text(path: Path, embeddings: np.ndarray, per_template: np.ndarray, pro
 # ---------------------------------------------------------------- reading
 
 
-def open_read(path: Path) -> h5py.File:
+def open_read(path: Path, stage: str = "extract") -> h5py.File:
+    """``path`` opened for reading, once it is known complete; ``stage``: the DVC stage that writes it."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"feature cache {path} not found. Run the extract stage: `dvc repro extract`.")
+        raise DataError(f"feature cache {path} not found. Run the {stage} stage: `dvc repro {stage}`.")
     try:
         fh = h5py.File(path, "r")
     except OSError as exc:
         raise DataError(f"feature cache {path} is not a readable HDF5 file ({exc}). "
-                        "Delete it and re-run `dvc repro extract`.") from None
+                        f"Delete it and re-run `dvc repro {stage}`.") from None
     try:
         complete = bool(fh.attrs.get("complete", False))
     except HDF5_READ_ERRORS as exc:
@@ -224,7 +225,7 @@ def open_read(path: Path) -> h5py.File:
         raise damaged(path, "the `complete` attribute", f"cannot be read ({exc})") from None
     if not complete:
         fh.close()
-        raise DataError(f"feature cache {path} is incomplete. Re-run `dvc repro extract`.")
+        raise DataError(f"feature cache {path} is incomplete. Re-run `dvc repro {stage}`.")
     return fh
 
 
@@ -373,7 +374,8 @@ def _strings(values: np.ndarray) -> list:
 class TextFeatures:
     def __init__(self, path: Path):
         path = Path(path)
-        with open_read(path) as fh:
+        self.path = path
+        with open_read(path, stage="text") as fh:
             try:
                 checked = CheckedFile(fh, path)
                 self.attrs = {k: fh.attrs[k] for k in fh.attrs}

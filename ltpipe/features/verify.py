@@ -16,8 +16,10 @@ from ltpipe.features import store
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="*", type=Path, help=f"cache files (default: {paths.FEATURES_DIR}/*.h5)")
-    files = parser.parse_args(argv).files or sorted(paths.FEATURES_DIR.glob("*.h5"))
+    parser.add_argument("files", nargs="*", type=Path,
+                        help=f"cache files (default: {paths.FEATURES_DIR}/*.h5 and {paths.TEXT_FEATURES})")
+    files = parser.parse_args(argv).files or [*sorted(paths.FEATURES_DIR.glob("*.h5")),
+                                              *([paths.TEXT_FEATURES] if paths.TEXT_FEATURES.is_file() else [])]
     if not files:
         print(f"ltpipe error: no feature cache files in {paths.FEATURES_DIR}. Run `dvc repro extract` or name the "
               "files.", file=sys.stderr)

@@ -138,7 +138,7 @@ class CPRFLHead(nn.Module):
         text = ctx.text_embeddings
         if text is None or text.ndim != 2 or text.shape[0] != ctx.num_classes:
             raise ConfigError("head `cprfl` starts its category prompts from the class text embeddings, but "
-                              "text.h5 does not hold one per class. Re-run `dvc repro extract`.")
+                              "text.h5 does not hold one per class. Re-run `dvc repro text`.")
         head = cls(ctx.token_shape[-1], text.shape[1], ctx.num_classes, **asdict(options))
         with torch.no_grad():
             head.text.copy_(torch.as_tensor(text, dtype=torch.float32))

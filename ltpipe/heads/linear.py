@@ -37,7 +37,7 @@ def _text_init(init: str, ctx: HeadContext) -> Optional[np.ndarray]:
         return None
     if ctx.text_embeddings is None or ctx.text_embeddings.shape != (ctx.num_classes, ctx.pooled_dim):
         raise ConfigError("`init: text` needs class text embeddings of the pooled feature size; "
-                          "re-run extraction so text.h5 matches the image features.")
+                          "re-run `dvc repro extract text` so text.h5 matches the image features.")
     return ctx.text_embeddings
 
 

@@ -30,14 +30,14 @@ class ZeroShotHead(nn.Module):
         text = ctx.text_embeddings
         if text is None:
             raise ConfigError("head `zeroshot` needs the class text embeddings (text.h5), but none were loaded. "
-                              "Re-run `dvc repro extract`.")
+                              "Re-run `dvc repro text`.")
         if text.ndim != 2 or text.shape[1] != ctx.pooled_dim:
             raise ConfigError(f"head `zeroshot`: the class text embeddings have shape {tuple(text.shape)}, but the "
                               f"pooled image features are {ctx.pooled_dim} wide; they come from different "
-                              "models. Re-run `dvc repro extract`.")
+                              "models. Re-run `dvc repro extract text`.")
         if text.shape[0] != ctx.num_classes:
             raise ConfigError(f"head `zeroshot`: there are text embeddings for {text.shape[0]} classes but the "
-                              f"dataset has {ctx.num_classes}. Re-run `dvc repro extract`.")
+                              f"dataset has {ctx.num_classes}. Re-run `dvc repro text`.")
         head = cls(ctx.pooled_dim, ctx.num_classes)
         with torch.no_grad():
             head.text.copy_(F.normalize(torch.as_tensor(text, dtype=torch.float32), dim=-1))

@@ -357,6 +357,7 @@ def fit(spec: RunSpec, prepared: manifest.Prepared, logger=None):
                           "none (`prepare.val_fraction: 0`): carve one with `prepare.val_fraction` > 0, or use a "
                           "stage-2 method that trains (`python -m ltpipe list stage2`).")
     text = TextFeatures(paths.TEXT_FEATURES)
+    check_features(text, prepared)
     ctx = heads.HeadContext(prepared.num_classes, train_feats.pooled.shape[1], train_feats.token_shape,
                             text.embeddings, text.logit_scale,
                             tokens_have_cls=str(train_feats.attrs.get("token_layer")) in ("pre_ln", "post_ln"))

@@ -167,7 +167,7 @@ def image_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """weights, prepare, extract and train run on the small synthetic dataset."""
+    """weights, prepare, extract, text and train run on the small synthetic dataset."""
     ws = tmp_path_factory.mktemp("built")
     cwd = os.getcwd()
     os.chdir(ws)
@@ -177,6 +177,7 @@ def built(tmp_path_factory):
         models.run_stage(params)
         prepare_stage.run_stage(params)
         extract.run_stage(params)
+        extract.run_text_stage(params)
         training.run_stage(params)
     finally:
         os.chdir(cwd)

@@ -227,7 +227,9 @@ def test_cache_without_checksums_is_read_with_a_warning_and_fails_verify(mini, t
 def test_training_stage_refuses_a_damaged_cache(mini, tmp_path, monkeypatch):
     prepared, features = mini
     ws = tmp_path / "ws"
-    shutil.copytree(features, ws / "data/features")
+    shutil.copytree(features, ws / "data/features", ignore=shutil.ignore_patterns("text.h5"))
+    (ws / "data/text").mkdir()
+    shutil.copy2(features / "text.h5", ws / "data/text/text.h5")
     save(prepared, ws / "data/prepared")
     monkeypatch.chdir(ws)
     Path("params.yaml").write_text(yaml.safe_dump(small_params(), sort_keys=False))

@@ -40,7 +40,9 @@ def test_same_seed_same_metrics_and_another_seed_another_run(head, tiny_features
 
 def run(root, features, prepared, head: str, seed: int, monkeypatch) -> str:
     """The train and evaluate stages in a fresh workspace at ``root``; the metrics JSON's text."""
-    shutil.copytree(features, root / "data" / "features")
+    shutil.copytree(features, root / "data" / "features", ignore=shutil.ignore_patterns("text.h5"))
+    (root / "data" / "text").mkdir()
+    shutil.copy2(features / "text.h5", root / "data" / "text" / "text.h5")
     manifest.save(prepared, root / "data" / "prepared")
     params = small_params()
     params.update(head=head, seed=seed)
