@@ -53,7 +53,8 @@ def test_extract_declares_every_extract_option_but_the_templates():
     assert set(STAGES["extract"]["params"]) - {"model.precision", "model.device", "model.threads"} == \
         fields - {"extract.templates"}
     assert "extract.templates" in STAGES["text"]["params"]
-    assert "data/prepared/classes.csv" not in STAGES["extract"]["deps"] and "data/prepared" not in STAGES["extract"]["deps"]
+    assert "data/prepared/classes.csv" not in STAGES["extract"]["deps"]
+    assert "data/prepared" not in STAGES["extract"]["deps"]
 
 
 def test_sweep_cells_have_their_own_training_section():

@@ -98,15 +98,17 @@ class _Cache:
             return default
 
     def known(self, under: str) -> dict:
-        """The entries of files under the folder ``under`` (a range of the primary key: the cache may hold
-        other datasets' files too, and reading them would cost time in proportion to them)."""
+        """``{path: "stat algorithm hash"}`` of the files under the folder ``under`` (a range of the primary
+        key: the cache may hold other datasets' files, and reading them would cost time in proportion).
+        One text value per path, so that sqlite3 builds the dict in C (437k rows: 0.3 s, not 1 s)."""
         if self.connection is None:
             return {}
         prefix = under.rstrip(os.sep) + os.sep
         # os.sep + 1 sorts right after every path that starts with the prefix.
         end = prefix[:-1] + chr(ord(os.sep) + 1)
-        return self._attempt("be read", lambda: {row[0]: row[1:] for row in self.connection.execute(
-            "SELECT path, stat, algorithm, hash FROM file_hashes WHERE path >= ? AND path < ?", (prefix, end))}, {})
+        return self._attempt("be read", lambda: dict(self.connection.execute(
+            "SELECT path, stat || ' ' || algorithm || ' ' || hash FROM file_hashes WHERE path >= ? AND path < ?",
+            (prefix, end))), {})
 
     def store(self, rows: list) -> None:
         if self.connection is not None and rows:
@@ -121,12 +123,19 @@ class _Cache:
             self.connection = None
 
 
+def _is_plain(rel: str) -> bool:
+    """Relative, and unchanged by os.path.normpath; cheap string tests first, the regex only for the rare rest."""
+    if rel[:1] in ("/", ".", "") or "\\" in rel or "//" in rel or rel[-1:] == "/":
+        return False
+    return "/." not in rel or not _NOT_PLAIN.search(rel)
+
+
 def _absolute(root: str, rel: str) -> str:
     # root is absolute and rel normalised (prepare's check_paths): a join is enough, and much cheaper
     # than os.path.abspath on a 437k-line list.
-    if os.path.isabs(rel) or _NOT_PLAIN.search(rel):
-        return os.path.abspath(os.path.join(root, rel))
-    return root + os.sep + rel if root != os.sep else os.sep + rel
+    if _is_plain(rel):
+        return root + os.sep + rel if root != os.sep else os.sep + rel
+    return os.path.abspath(os.path.join(root, rel))
 
 
 _NOT_PLAIN = re.compile(r"\\|//|(^|/)\.\.?(/|$)|/$")
@@ -137,26 +146,48 @@ def unreadable_mark(exc: OSError) -> str:
     return "!" + (errno.errorcode.get(exc.errno, "") if exc.errno else type(exc).__name__)
 
 
-def hash_files(root: Path, rel_paths: Sequence[str], cache_path: Optional[Path], missing_ok: bool = False
-               ) -> Tuple[List[str], HashStats]:
-    """The content hash of every ``root/rel`` (in order), reading only files whose stat changed.
+class FileHasher:
+    """Content hashes through the stat cache, for several calls in one process: the cache is opened once,
+    the entries under each folder read from it once, and the new ones written when it closes."""
 
-    A file that cannot be read is an error naming it, or with ``missing_ok`` its
-    :func:`unreadable_mark` (the `inputs` stage records it; prepare then says what is wrong)."""
-    started = time.perf_counter()
-    stats = HashStats(files=len(rel_paths))
-    cache = _Cache(cache_path)
-    root_abs = os.path.abspath(root)
-    try:
-        known = cache.known(root_abs)
-        hashes, fresh = [], []
+    def __init__(self, cache_path: Optional[Path]):
+        self._cache = _Cache(cache_path)
+        self._known: dict = {}  # folder -> its entries
+        self._fresh: list = []
+
+    def __enter__(self) -> "FileHasher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def entries(self, folder: str) -> dict:
+        """The cached entries under ``folder`` (absolute), from a folder read before when it holds it."""
+        for loaded, entries in self._known.items():
+            if folder == loaded or folder.startswith(loaded.rstrip(os.sep) + os.sep):
+                return entries
+        entries = self._known[folder] = self._cache.known(folder)
+        return entries
+
+    def hashes(self, root: Path, rel_paths: Sequence[str], missing_ok: bool = False) -> Tuple[List[str], HashStats]:
+        """The content hash of every ``root/rel`` (in order), reading only files whose stat changed.
+
+        A file that cannot be read is an error naming it, or with ``missing_ok`` its
+        :func:`unreadable_mark` (the `inputs` stage records it; prepare then says what is wrong)."""
+        started = time.perf_counter()
+        stats = HashStats(files=len(rel_paths))
+        root_abs = os.path.abspath(root)
+        known = self.entries(root_abs)
+        tag = f" {images.HASH_NAME} "
+        hashes = []
         for rel in rel_paths:
             full = _absolute(root_abs, rel)
             try:
                 st = os.stat(full)
+                key = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
                 entry = known.get(full)
-                if entry is not None and entry[0] == _stat_key(st) and entry[1] == images.HASH_NAME:
-                    hashes.append(entry[2])
+                if entry is not None and entry.startswith(key + tag):
+                    hashes.append(entry[len(key) + len(tag):])
                     continue
                 data = images.read_bytes(full)
                 after = os.stat(full)
@@ -172,13 +203,25 @@ def hash_files(root: Path, rel_paths: Sequence[str], cache_path: Optional[Path],
             stats.bytes_read += len(data)
             settled = time.time_ns() - int(RACY_SECONDS * 1e9)
             # Cache only a file that did not change while read and whose last change is not racy.
-            if _stat_key(after) == _stat_key(st) and max(st.st_mtime_ns, st.st_ctime_ns) < settled:
-                fresh.append((full, _stat_key(st), images.HASH_NAME, digest))
-        cache.store(fresh)
-    finally:
-        cache.close()
-    stats.seconds = time.perf_counter() - started
-    return hashes, stats
+            if _stat_key(after) == key and max(st.st_mtime_ns, st.st_ctime_ns) < settled:
+                self._fresh.append((full, key, images.HASH_NAME, digest))
+                known[full] = key + tag + digest
+        stats.seconds = time.perf_counter() - started
+        return hashes, stats
+
+    def close(self) -> None:
+        try:
+            self._cache.store(self._fresh)
+        finally:
+            self._cache.close()
+
+
+def hash_files(root: Path, rel_paths: Sequence[str], cache_path: Optional[Path], missing_ok: bool = False
+               ) -> Tuple[List[str], HashStats]:
+    """The content hash of every ``root/rel`` (in order), reading only files whose stat changed
+    (:meth:`FileHasher.hashes`, with the cache opened for this call)."""
+    with FileHasher(cache_path) as hasher:
+        return hasher.hashes(root, rel_paths, missing_ok)
 
 
 def hash_file(path: Path, cache_path: Optional[Path], missing_ok: bool = False) -> str:

@@ -151,6 +151,15 @@ def read_list(path: Path, multilabel: bool, max_entries: Optional[int] = None) -
     return entries
 
 
+def read_list_paths(path: Path) -> List[str]:
+    """The image paths of a list file, as :func:`read_list` reads them, without parsing the labels
+    (the `inputs` stage's fingerprint: the list's own bytes cover the labels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"list file {path} not found. Check the dataset's list paths in params.yaml.")
+    return [line.split(None, 1)[0] for _, line in text_lines(path, "list file") if line.strip()]
+
+
 def _labels(path: Path, lineno: int, parts: List[str], multilabel: bool) -> Tuple[int, ...]:
     rel, tokens = parts[0], parts[1:]
     where = f"{path}:{lineno}:"

@@ -36,8 +36,8 @@ from ltpipe.core import paths
 from ltpipe.core.config import Params
 from ltpipe.core.errors import DataError
 from ltpipe.data.checks import normalised_path
-from ltpipe.data.fingerprint import HashStats, hash_file, hash_files, stat_cache_path
-from ltpipe.data.formats import read_list
+from ltpipe.data.fingerprint import FileHasher, HashStats, stat_cache_path
+from ltpipe.data.formats import read_list_paths
 from ltpipe.datasets.registry import DATASETS, DatasetInputs, dataset_inputs
 
 
@@ -61,27 +61,30 @@ def _write(path: Path, record: dict) -> bool:
     return True
 
 
-def _listed_images(inputs: DatasetInputs, cache: Optional[Path], stats: HashStats) -> Dict[str, dict]:
+def _file_hash(hasher: FileHasher, path: Path) -> str:
+    path = Path(os.path.abspath(path))
+    return hasher.hashes(path.parent, [path.name], missing_ok=True)[0][0]
+
+
+def _listed_images(inputs: DatasetInputs, hasher: FileHasher, stats: HashStats) -> Dict[str, dict]:
     """Per split: how many images its list names, and one SHA-256 over their paths and content hashes."""
     out = {}
     for split, list_path in sorted(inputs.lists.items()):
         try:
-            rels = [normalised_path(rel) for rel, _ in read_list(list_path, inputs.multilabel)]
+            rels = [normalised_path(rel) for rel in read_list_paths(list_path)]
         except DataError as exc:  # prepare says it in full; the fingerprint changes with the list's bytes
             out[split] = {"unreadable_list": type(exc).__name__}
             continue
-        hashes, split_stats = hash_files(inputs.root, rels, cache, missing_ok=True)
+        hashes, split_stats = hasher.hashes(inputs.root, rels, missing_ok=True)
         for name in ("files", "read", "bytes_read", "seconds"):
             setattr(stats, name, getattr(stats, name) + getattr(split_stats, name))
-        digest = hashlib.sha256()
-        for rel, content in zip(rels, hashes):
-            digest.update(f"{rel}\t{content}\n".encode())
-        out[split] = {"images": len(rels), "sha256": digest.hexdigest(),
+        listing = "".join([f"{rel}\t{content}\n" for rel, content in zip(rels, hashes)])
+        out[split] = {"images": len(rels), "sha256": hashlib.sha256(listing.encode()).hexdigest(),
                       "unreadable": sum(content.startswith("!") for content in hashes)}
     return out
 
 
-def dataset_record(params: Params, recorded: Optional[dict], cache: Optional[Path], stats: HashStats,
+def dataset_record(params: Params, recorded: Optional[dict], hasher: FileHasher, stats: HashStats,
                    notes: List[str]) -> dict:
     """The fingerprint of the dataset `dataset` names (see the module's docstring)."""
     name = params.str("dataset")
@@ -98,17 +101,18 @@ def dataset_record(params: Params, recorded: Optional[dict], cache: Optional[Pat
     if inputs is None:
         record["generated"] = True  # drawn from its options alone: nothing outside the repository
         return record
-    record["files"] = {role: hash_file(path, cache, missing_ok=True) for role, path in sorted(inputs.files.items())}
-    record["listed_images"] = _listed_images(inputs, cache, stats)
+    hasher.entries(os.path.abspath(inputs.root))  # read once for the lists and every image under the root
+    record["files"] = {role: _file_hash(hasher, path) for role, path in sorted(inputs.files.items())}
+    record["listed_images"] = _listed_images(inputs, hasher, stats)
     return record
 
 
-def checkpoint_record(params: Params, recorded: Optional[dict], cache: Optional[Path], notes: List[str]) -> dict:
+def checkpoint_record(params: Params, recorded: Optional[dict], hasher: FileHasher, notes: List[str]) -> dict:
     """`model.pretrained`, with the content hash of the file it names (a tag or null names none)."""
     pretrained = params.sub("model").optional_str("pretrained")
     record = {"pretrained": pretrained}
     if pretrained is not None and os.path.isfile(pretrained):
-        record["sha256"] = hash_file(Path(pretrained), cache)
+        record["sha256"] = _file_hash(hasher, Path(pretrained))
     elif recorded and recorded.get("pretrained") == pretrained and "sha256" in recorded:
         notes.append(f"the checkpoint file {pretrained} (`model.pretrained`) is not on this machine: kept the "
                      f"fingerprint recorded in {paths.CHECKPOINT_INPUTS}. The weights and features pulled from the "
@@ -120,12 +124,12 @@ def checkpoint_record(params: Params, recorded: Optional[dict], cache: Optional[
 def run_stage(params: Params) -> Dict[str, dict]:
     """The `inputs` stage: write both fingerprints, each only when it changed."""
     started = time.perf_counter()
-    cache = stat_cache_path()
     stats, notes = HashStats(), []
-    records = {
-        paths.DATASET_INPUTS: dataset_record(params, _read(paths.DATASET_INPUTS), cache, stats, notes),
-        paths.CHECKPOINT_INPUTS: checkpoint_record(params, _read(paths.CHECKPOINT_INPUTS), cache, notes),
-    }
+    with FileHasher(stat_cache_path()) as hasher:
+        records = {
+            paths.DATASET_INPUTS: dataset_record(params, _read(paths.DATASET_INPUTS), hasher, stats, notes),
+            paths.CHECKPOINT_INPUTS: checkpoint_record(params, _read(paths.CHECKPOINT_INPUTS), hasher, notes),
+        }
     changed = [str(path) for path, record in records.items() if _write(path, record)]
     for note in notes:
         print(f"ltpipe note: {note}")
