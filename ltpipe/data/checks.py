@@ -85,6 +85,9 @@ def check_paths(entries: Dict[str, List[Entry]], source: DatasetSource) -> Dict[
 
 def normalised_path(rel: str) -> str:
     """A list's path as prepare records it: ``./a.jpg``, ``a//b.jpg`` and ``a\\b.jpg`` are ``a.jpg``, ``a/b.jpg``."""
+    if "\\" not in rel and "//" not in rel and "./" not in rel and rel[-1:] != "/" and rel[-2:] != "/." \
+            and rel != ".":
+        return rel  # the common case, without the regex (437k lines: 0.1 s, not 0.45 s)
     return posixpath.normpath(rel.replace("\\", "/")) if _NOT_NORMAL.search(rel) else rel
 
 

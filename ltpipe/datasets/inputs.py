@@ -25,7 +25,6 @@ and the stage says so: prepare or weights could not run there, and their pulled 
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -75,12 +74,10 @@ def _listed_images(inputs: DatasetInputs, hasher: FileHasher, stats: HashStats) 
         except DataError as exc:  # prepare says it in full; the fingerprint changes with the list's bytes
             out[split] = {"unreadable_list": type(exc).__name__}
             continue
-        hashes, split_stats = hasher.hashes(inputs.root, rels, missing_ok=True)
+        digest, unreadable, split_stats = hasher.listing(inputs.root, rels)
         for name in ("files", "read", "bytes_read", "seconds"):
             setattr(stats, name, getattr(stats, name) + getattr(split_stats, name))
-        listing = "".join([f"{rel}\t{content}\n" for rel, content in zip(rels, hashes)])
-        out[split] = {"images": len(rels), "sha256": hashlib.sha256(listing.encode()).hexdigest(),
-                      "unreadable": sum(content.startswith("!") for content in hashes)}
+        out[split] = {"images": len(rels), "sha256": digest, "unreadable": unreadable}
     return out
 
 
@@ -101,7 +98,6 @@ def dataset_record(params: Params, recorded: Optional[dict], hasher: FileHasher,
     if inputs is None:
         record["generated"] = True  # drawn from its options alone: nothing outside the repository
         return record
-    hasher.entries(os.path.abspath(inputs.root))  # read once for the lists and every image under the root
     record["files"] = {role: _file_hash(hasher, path) for role, path in sorted(inputs.files.items())}
     record["listed_images"] = _listed_images(inputs, hasher, stats)
     return record

@@ -245,3 +245,54 @@ def test_an_image_that_cannot_be_read_is_named(tmp_path):
     source = _dataset(tmp_path / "data")
     with pytest.raises(DataError, match=r"cannot read image .*gone\.png to record its content hash"):
         fingerprint.hash_files(source.root, ["gone.png"], None)
+
+
+def _listing_digest(root: Path, rels: list) -> str:
+    lines = "".join(f"{rel}\t{hashlib.sha256((root / rel).read_bytes()).hexdigest()}\n" for rel in rels)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=FAULTS)
+def test_a_recorded_listing_follows_bytes(fault, tmp_path, settled):
+    """The inputs stage's whole-list shortcut (FileHasher.listing): reused only while no file's stat
+    changed, so an in-place rewrite with size and mtime restored still changes the digest."""
+    source = _dataset(tmp_path / "data")
+    cache = tmp_path / "cache.sqlite"
+    rels = [rel for rel, _ in TRAIN]
+
+    def listing():
+        with fingerprint.FileHasher(cache) as hasher:
+            digest, unreadable, stats = hasher.listing(source.root, rels)
+        assert unreadable == 0
+        assert digest == _listing_digest(source.root, rels)
+        return digest, stats.read
+
+    first, read = listing()
+    assert read == len(rels)
+    assert listing() == (first, 0)
+    inject(fault, source.root / CHANGED)
+    after, read = listing()
+    assert read == 1, "only the changed file must be re-read"
+    assert (after != first) == (fault != "touched_same_bytes")
+    if fault == "touched_same_bytes":  # its mtime is a second ahead: racy, so hashed again once it passes
+        time.sleep(max(0.0, (source.root / CHANGED).stat().st_mtime - time.time()))
+        assert listing() == (after, 1)
+    assert listing() == (after, 0)
+
+
+def test_a_listing_with_a_racy_or_missing_file_is_not_recorded(tmp_path, monkeypatch):
+    source = _dataset(tmp_path / "data")
+    cache = tmp_path / "cache.sqlite"
+    rels = [rel for rel, _ in TRAIN]
+    for _ in range(2):  # files written just now are racy: hashed again, never served from a record
+        with fingerprint.FileHasher(cache) as hasher:
+            assert hasher.listing(source.root, rels)[2].read == len(rels)
+    monkeypatch.setattr(fingerprint, "RACY_SECONDS", 0.0)
+    missing = rels + ["train/gone.png"]
+    for _ in range(2):
+        with fingerprint.FileHasher(cache) as hasher:
+            digest, unreadable, _ = hasher.listing(source.root, missing)
+        assert unreadable == 1
+    (source.root / "train/gone.png").write_bytes(b"now here")
+    with fingerprint.FileHasher(cache) as hasher:
+        assert hasher.listing(source.root, missing)[:2] == (_listing_digest(source.root, missing), 0)
