@@ -76,15 +76,16 @@ def repo(tmp_path_factory):
     result = dvc_repo.run(path, "dvc", "repro")
     cells = [f"sweep@cosine-{loss}-{seed}" for loss in ("ce", "bsm") for seed in (0, 1)]
     assert sorted(dvc_repo.stages_run(result.stdout)) == sorted(
-        ["weights", "prepare", "extract", "zeroshot", "train", "evaluate", "report"] + cells)
+        ["weights", "prepare", "extract", "text", "zeroshot", "train", "evaluate", "report"] + cells)
     dvc_repo.run(path, "git", "add", "-A")
     dvc_repo.run(path, "git", "commit", "-qm", "baseline")
     return path
 
 
 def test_repro_writes_every_output(repo):
-    for split in ("train", "val", "test", "text"):
+    for split in ("train", "val", "test"):
         assert (repo / "data/features" / f"{split}.h5").is_file()
+    assert (repo / "data/text/text.h5").is_file()
     metrics = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["head"] == "cosine" and metrics["loss"] == "ce" and metrics["dataset"] == "synthetic"
     for key in ("top1", "top5", "balanced_acc", "many", "medium", "few", "macro_f1", "nll", "ece"):

@@ -109,7 +109,7 @@ def test_a_hardlink_cache_holds_the_features_once_and_the_pipeline_leaves_them_i
     copy, linked = _clone(team, "cpu-copy"), _clone(team, "cpu-hardlink")
     dvc_repo.run(linked, "dvc", "config", "--local", "cache.type", "hardlink")
     for repo in (copy, linked):
-        dvc_repo.run(repo, "dvc", "pull", "--with-deps", "extract")
+        dvc_repo.run(repo, "dvc", "pull", "--with-deps", "extract", "text")
     train_h5 = linked / "data/features/train.h5"
     cached = {p.stat().st_ino for p in (linked / ".dvc/cache").rglob("*") if p.is_file()}
     assert train_h5.stat().st_ino in cached and train_h5.stat().st_nlink == 2
