@@ -7,6 +7,7 @@ file order on the shared repository; each leaves it up to date.
 """
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -165,3 +166,33 @@ def test_the_stat_cache_spares_rereading_unchanged_images(edited):
     repo, _, _ = edited
     out = dvc_repo.run(repo, "dvc", "repro", "zeroshot").stdout
     assert "12 listed image(s), 0 read" in out, out
+
+
+def test_a_dataset_inside_the_repository_is_tracked_the_same_way(edited):
+    """`datasets.custom.root` relative to the repository (a dataset committed with the code, or `dvc add`ed):
+    DVC sees the folder only if the user tracks it, so the `inputs` stage fingerprints it all the same."""
+    repo, root, _ = edited
+    params = (repo / "params.yaml").read_bytes()
+    inside = repo / "mydata"
+    shutil.copytree(root, inside)
+    data = yaml.safe_load(params)
+    data["datasets"]["custom"]["root"] = "mydata"
+    try:
+        (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        assert "prepare" in repro(repo)
+        assert repro(repo) == set()
+        before = features(repo)
+        later_edit()
+        inject("rewritten_size_and_mtime_kept", inside / "train/img_5.png")
+        assert repro(repo) == {"prepare", "extract", "zeroshot"}
+        assert features(repo) != before
+        lines = (inside / "train.txt").read_text().splitlines(keepends=True)
+        later_edit()
+        (inside / "train.txt").write_text("".join(lines[1:]))
+        assert repro(repo) == {"prepare", "extract", "text", "zeroshot"}
+        assert "train/img_0.png" not in (repo / "data/prepared/manifest.csv").read_text()
+    finally:
+        (repo / "params.yaml").write_bytes(params)
+        shutil.rmtree(inside)
+    repro(repo)
+    assert repro(repo) == set()
