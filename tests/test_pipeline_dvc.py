@@ -230,9 +230,38 @@ def test_re_extraction_with_identical_features_stops_there(repo):
     assert (repo / "metrics/extract_report.json").is_file()
 
 
-def test_unknown_key_is_refused_by_dvc(repo):
-    result = dvc_repo.run(repo, "dvc", "exp", "run", "-S", "train.epochz=3", check=False)
+# A misspelt key of each kind, typed into params.yaml (`dvc exp run -S` refuses a key params.yaml lacks):
+# refused with one line naming it, by the stage that reads it; the shared sections' and the top level's by
+# `inputs`, first on every run, before any other stage.
+MISSPELT = [("train.epochz", "train", "`train` has no option 'epochz'"),
+            ("los", "inputs", "params.yaml has no top-level key 'los'"),
+            ("model.precison", "inputs", "`model` has no option 'precison'"),
+            ("evaluate.posthok", "inputs", "`evaluate` has no option 'posthok'"),
+            ("sweep.seed", "inputs", "`sweep` has no key 'seed'"),
+            ("datasets.synthetc", "inputs", "`datasets.synthetc` names no dataset"),
+            ("heads.cosin", "train", "`heads.cosin` names no head")]
+
+
+@pytest.mark.parametrize("key,stage,message", MISSPELT, ids=[m[0] for m in MISSPELT])
+def test_a_misspelt_key_is_refused_by_dvc(repo, key, stage, message):
+    params = (repo / "params.yaml").read_bytes()
+    data = yaml.safe_load(params)
+    *parents, leaf = key.split(".")
+    section = data
+    for parent in parents:
+        section = section[parent]
+    section[leaf] = {} if parents and parents[0] in ("datasets", "heads") else 3
+    try:
+        (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+        result = dvc_repo.run(repo, "dvc", "repro", check=False)
+    finally:
+        (repo / "params.yaml").write_bytes(params)
     assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ltpipe error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert f"failed to reproduce '{stage}'" in result.stderr, result.stderr
+    if stage == "inputs":
+        assert dvc_repo.stages_run(result.stdout) == [], result.stdout
 
 
 def test_multilabel_default_runs_the_dag(repo):

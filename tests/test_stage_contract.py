@@ -111,7 +111,11 @@ def declared(stage: str, key: str, item: dict = None) -> bool:
 # extract and text each read the whole `extract` section, so a bad key is refused by whichever runs first,
 # but each computes from its own keys only: `templates` is the text stage's, the rest extract's.
 _EXTRACT_KEYS = {f"extract.{field.name}" for field in dataclasses.fields(ExtractOptions)}
-VALIDATE_ONLY = {"train": {"evaluate.posthoc"}, "prepare": {"train.select", "evaluate.posthoc"},
+# inputs runs first on every `dvc repro` (always changed) and refuses a bad key of the shared sections.
+_LAYOUT_KEYS = {"sweep", "evaluate", "evaluate.posthoc", *(f"model.{key}" for key in
+                                                          ("arch", "init_seed", "precision", "device", "threads"))}
+VALIDATE_ONLY = {"inputs": _LAYOUT_KEYS, "train": {"evaluate", "evaluate.posthoc"},
+                 "prepare": {"train.select", "evaluate.posthoc"},
                  "extract": {"extract.templates"}, "text": _EXTRACT_KEYS - {"extract.templates"}}
 
 

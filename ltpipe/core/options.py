@@ -48,6 +48,8 @@ def _base_type(hint) -> tuple:
 def _read(section: Params, field: dataclasses.Field, hint) -> Any:
     kind, nullable = _base_type(hint)
     meta = field.metadata
+    if kind is Any:  # several types (``auto`` or a count): the field's ``check`` says which values are valid
+        return section.raw(field.name, field.default)
     if nullable and section.raw(field.name, field.default) is None:
         return None
     if kind is bool:
@@ -125,7 +127,7 @@ def describe(options_type: type) -> List[Dict[str, Any]]:
             bounds.append(f"{'>' if meta.get('exclusive_minimum') else '>='} {meta['minimum']:g}")
         if meta.get("maximum") is not None:
             bounds.append(f"<= {meta['maximum']:g}")
-        type_name = kind.__name__ + (" or null" if nullable else "")
+        type_name = getattr(kind, "__name__", "any") + (" or null" if nullable else "")
         rows.append({"name": field.name, "default": field.default, "type": type_name,
                      "bounds": ", ".join(bounds), "doc": meta.get("doc", "")})
     return rows

@@ -10,7 +10,7 @@ question is a query here: :meth:`Registry.names` with a capability filter.
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, List, Optional, Sequence, TypeVar
 
 from ltpipe.core.config import Params
 from ltpipe.core.errors import ConfigError
@@ -39,10 +39,11 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, param_key: str, section: Optional[str] = None):
+    def __init__(self, kind: str, param_key: str, section: Optional[str] = None, section_keys: Sequence[str] = ()):
         self.kind = kind
         self.param_key = param_key
         self.section = section  # the params.yaml mapping of each name's options (`heads`, `losses`, ...)
+        self.section_keys = tuple(section_keys)  # other keys that mapping holds (`finetune.train`, ...)
         self._entries: Dict[str, Entry[T]] = {}
 
     def register(self, name: str, options: type = NoOptions, **capabilities) -> Callable[[T], T]:
@@ -82,7 +83,18 @@ class Registry(Generic[T]):
         options_type = self.entry(name).options
         if params is None or self.section is None:
             return options_type()
+        self.check_section(params)
         return parse(options_type, params.optional_sub(f"{self.section}.{name}"))
+
+    def check_section(self, params: Params) -> None:
+        """Refuse a key of the options mapping that names no registered method: `heads.cosin: {scale: 10}`
+        would otherwise be ignored while `cosine` ran with its defaults."""
+        section = params.optional_sub(self.section)
+        unknown = sorted(set(section.data) - set(self._entries) - set(self.section_keys)) if section else []
+        if unknown:
+            valid = ", ".join([*self.section_keys, *self.names()])
+            raise ConfigError(f"`{self.section}.{unknown[0]}` names no {self.kind}; the keys of `{self.section}`: "
+                              f"{valid}. A misspelt name would otherwise be ignored.")
 
     def parse(self, name: str, section: Optional[Params]) -> Any:
         """The typed options of ``name`` from its own section (``None``: the defaults)."""

@@ -9,9 +9,7 @@ import numpy as np
 import torch
 
 from ltpipe.core.errors import ConfigError, DataError
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from ltpipe.core.params_layout import DEVICES, PRECISIONS, threads_problem
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -49,9 +47,7 @@ _TORCH_DEFAULT_THREADS = []  # torch's own choice (OMP_NUM_THREADS, physical cor
 
 def parse_threads(value, key: str = "model.threads"):
     """``auto`` or a positive thread count."""
-    if value == "auto":
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if threads_problem(value):
         raise ConfigError(f"`{key}` is {value!r}; valid values: auto, or a number of threads >= 1.")
     return value
 

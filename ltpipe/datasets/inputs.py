@@ -34,6 +34,7 @@ from typing import Dict, List, Optional
 from ltpipe.core import paths
 from ltpipe.core.config import Params
 from ltpipe.core.errors import DataError
+from ltpipe.core.params_layout import check_layout
 from ltpipe.data.checks import normalised_path
 from ltpipe.data.fingerprint import FileHasher, HashStats, stat_cache_path
 from ltpipe.data.formats import read_list_paths
@@ -120,6 +121,7 @@ def checkpoint_record(params: Params, recorded: Optional[dict], hasher: FileHash
 def run_stage(params: Params) -> Dict[str, dict]:
     """The `inputs` stage: write both fingerprints, each only when it changed."""
     started = time.perf_counter()
+    check_layout(params)  # first on every `dvc repro`: a misspelt shared key is refused before any work
     stats, notes = HashStats(), []
     with FileHasher(stat_cache_path()) as hasher:
         records = {

@@ -15,13 +15,14 @@ import numpy as np
 from ltpipe.core import paths
 from ltpipe.core.config import Params
 from ltpipe.core.errors import ConfigError, DataError
+from ltpipe.core.options import parse
+from ltpipe.core.params_layout import EvaluateOptions
 from ltpipe.data import manifest
 from ltpipe.data.validation_split import POSTHOC_WITHOUT_VALIDATION
 from ltpipe.evaluation import metrics
 from ltpipe.features.store import SplitFeatures, TextFeatures
 
 TASKS = ("auto", "single", "multi")
-POSTHOC = ("none", "logit_adjust")
 
 
 def check_task(params: Params, prepared: manifest.Prepared) -> bool:
@@ -118,7 +119,7 @@ def check_posthoc(params: Params, multilabel: bool, val_images: Optional[int] = 
     """`evaluate.posthoc`, refused where it cannot apply (``val_images``: the validation split's size,
     when known). The train stage calls this too, to validate only (it never uses the value), so the
     refusal comes before training."""
-    posthoc = params.str("evaluate.posthoc", choices=POSTHOC)
+    posthoc = parse(EvaluateOptions, params.sub("evaluate")).posthoc
     if posthoc == "logit_adjust" and val_images == 0:
         raise ConfigError(POSTHOC_WITHOUT_VALIDATION)
     if posthoc == "logit_adjust" and multilabel:

@@ -28,9 +28,11 @@ from torch import nn
 
 from ltpipe.core.errors import ConfigError
 from ltpipe.core.options import NoOptions, option
+from ltpipe.core.params_layout import FINETUNE_KEYS
 from ltpipe.core.registry import Registry
 
-MODES: Registry = Registry("fine-tuning mode", "finetune.modes", section="finetune")
+MODES: Registry = Registry("fine-tuning mode", "finetune.modes", section="finetune",
+                          section_keys=FINETUNE_KEYS)
 
 
 def register(name: str, options: type = NoOptions, *, vit_only: bool, text_prompts: bool = False):
