@@ -231,15 +231,14 @@ def test_re_extraction_with_identical_features_stops_there(repo):
 
 
 # A misspelt key of each kind, typed into params.yaml (`dvc exp run -S` refuses a key params.yaml lacks):
-# refused with one line naming it, by the stage that reads it; the shared sections' and the top level's by
-# `inputs`, first on every run, before any other stage.
-MISSPELT = [("train.epochz", "train", "`train` has no option 'epochz'"),
+# refused with one line naming it by `inputs`, first on every run, before any other stage.
+MISSPELT = [("train.epochz", "inputs", "`train` has no option 'epochz'"),
             ("los", "inputs", "params.yaml has no top-level key 'los'"),
             ("model.precison", "inputs", "`model` has no option 'precison'"),
             ("evaluate.posthok", "inputs", "`evaluate` has no option 'posthok'"),
             ("sweep.seed", "inputs", "`sweep` has no key 'seed'"),
             ("datasets.synthetc", "inputs", "`datasets.synthetc` names no dataset"),
-            ("heads.cosin", "train", "`heads.cosin` names no head")]
+            ("heads.cosin", "inputs", "`heads.cosin` names no head")]
 
 
 @pytest.mark.parametrize("key,stage,message", MISSPELT, ids=[m[0] for m in MISSPELT])
@@ -260,8 +259,32 @@ def test_a_misspelt_key_is_refused_by_dvc(repo, key, stage, message):
     errors = [line for line in result.stderr.splitlines() if line.startswith("ltpipe error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert f"failed to reproduce '{stage}'" in result.stderr, result.stderr
-    if stage == "inputs":
-        assert dvc_repo.stages_run(result.stdout) == [], result.stdout
+    assert dvc_repo.stages_run(result.stdout) == [], result.stdout
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.lr", -1, "`train.lr` must be"),
+    ("sweep.train.epochs", 0, "`sweep.train.epochs` must be"),
+    ("heads.cosine.scale", "big", "`heads.cosine.scale` must be a number"),
+    ("loss", "bce", "loss 'bce'"),  # multi-label only; the default dataset is single-label
+])
+def test_a_bad_option_of_a_later_stage_is_refused_before_any_image_is_read(tmp_path, key, value, message):
+    """On a first `dvc repro`, `train` starts after extraction (hours on a benchmark): its options are
+    checked by `inputs` (ltpipe/validate.py), with the message `train` would give."""
+    repo = dvc_repo.make(tmp_path / "repo")
+    data = yaml.safe_load((repo / "params.yaml").read_text())
+    *parents, leaf = key.split(".")
+    section = data
+    for parent in parents:
+        section = section[parent]
+    section[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    result = dvc_repo.run(repo, "dvc", "repro", check=False)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ltpipe error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "failed to reproduce 'inputs'" in result.stderr, result.stderr
+    assert dvc_repo.stages_run(result.stdout) == [] and not (repo / "data/features").exists()
 
 
 def test_multilabel_default_runs_the_dag(repo):

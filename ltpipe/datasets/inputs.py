@@ -39,6 +39,7 @@ from ltpipe.data.checks import normalised_path
 from ltpipe.data.fingerprint import FileHasher, HashStats, stat_cache_path
 from ltpipe.data.formats import read_list_paths
 from ltpipe.datasets.registry import DATASETS, DatasetInputs, dataset_inputs
+from ltpipe.validate import check_once
 
 
 def _read(path: Path) -> Optional[dict]:
@@ -121,7 +122,9 @@ def checkpoint_record(params: Params, recorded: Optional[dict], hasher: FileHash
 def run_stage(params: Params) -> Dict[str, dict]:
     """The `inputs` stage: write both fingerprints, each only when it changed."""
     started = time.perf_counter()
-    check_layout(params)  # first on every `dvc repro`: a misspelt shared key is refused before any work
+    # First on every `dvc repro`: a misspelt or bad option is refused before any image is read.
+    check_layout(params)
+    check_once(params, stat_cache_path().parent)
     stats, notes = HashStats(), []
     with FileHasher(stat_cache_path()) as hasher:
         records = {
