@@ -66,14 +66,20 @@ def check_options(params: Params) -> None:
     """Read the main experiment's, every sweep cell's and every listed fine-tuning mode's options as
     their stages will (the same refusals, raised here)."""
     from ltpipe import losses
+    from ltpipe.evaluation.results import check_posthoc
     from ltpipe.finetune import modes
+    from ltpipe.finetune.model import check_head
     from ltpipe.finetune.train import FinetuneConfig
+    from ltpipe.training import stage2
     from ltpipe.training.spec import read_run_spec
 
     task = dataset_task(params)
     if task is None:
         return
-    read_run_spec(params, task)
+    main = read_run_spec(params, task)
+    if main.stage2 is not None:
+        stage2.check_head(main.stage2.name, main.head)
+    check_posthoc(params, task == "multi")
     sweep = params.sub("sweep")
     for head in sweep.raw("heads"):
         for loss in sweep.raw("losses"):
@@ -84,5 +90,5 @@ def check_options(params: Params) -> None:
                               train_key="sweep.train", with_stage2=False)
     finetune = params.sub("finetune")
     for mode in finetune.raw("modes"):
-        modes.MODES.options(mode, params)
+        check_head(modes.build(mode, modes.MODES.options(mode, params)), main.head)
         FinetuneConfig.from_params(finetune.sub("train"))

@@ -46,6 +46,10 @@ def test_the_repository_params_pass():
     (dict(finetune__modes=["ful"]), "unknown fine-tuning mode 'ful'"),
     (dict(finetune__modes=["partial"], finetune__partial__blocks=0), "`finetune.partial.blocks` must be"),
     (dict(finetune__modes=["bitfit"], finetune__train__lr=0), "`finetune.train.lr` must be"),
+    (dict(stage2="crt", head="knn"), "`stage2: crt` adjusts a trained classifier; head knn has none"),
+    (dict(finetune__modes=["coop"]), "set `head: zeroshot`"),
+    (dict(finetune__modes=["full"], head="knn"), "head 'knn' is fitted in one pass"),
+    (dict(dataset="synthetic_ml", loss="bce", evaluate__posthoc="logit_adjust"), "single-label only"),
 ])
 def test_a_bad_option_is_refused(settings, message):
     with pytest.raises(ConfigError) as error:
