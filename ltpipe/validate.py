@@ -19,6 +19,7 @@ from typing import Optional
 
 import ltpipe
 from ltpipe.core.config import Params
+from ltpipe.core.errors import ConfigError
 
 _REMEMBERED = 256  # contents of params.yaml remembered as checked
 
@@ -66,6 +67,7 @@ def check_options(params: Params) -> None:
     """Read the main experiment's, every sweep cell's and every listed fine-tuning mode's options as
     their stages will (the same refusals, raised here)."""
     from ltpipe import losses
+    from ltpipe.evaluation.report import sweep_list
     from ltpipe.evaluation.results import check_posthoc
     from ltpipe.finetune import modes
     from ltpipe.finetune.model import check_head
@@ -81,14 +83,18 @@ def check_options(params: Params) -> None:
         stage2.check_head(main.stage2.name, main.head)
     check_posthoc(params, task == "multi")
     sweep = params.sub("sweep")
-    for head in sweep.raw("heads"):
-        for loss in sweep.raw("losses"):
+    for head in sweep_list(sweep, "heads", str):
+        for loss in sweep_list(sweep, "losses", str):
             if losses.LOSSES.get(loss).for_task(task) is None:
                 continue  # the sweep skips this cell, saying so
-            for seed in sweep.raw("seeds"):
+            for seed in sweep_list(sweep, "seeds", int):
                 read_run_spec(params, task, head=head, loss=loss, seed=seed, sampler_key="sweep.sampler",
                               train_key="sweep.train", with_stage2=False)
     finetune = params.sub("finetune")
-    for mode in finetune.raw("modes"):
+    listed = finetune.raw("modes")
+    if not isinstance(listed, list) or not all(isinstance(mode, str) for mode in listed):
+        raise ConfigError(f"`finetune.modes` must be a list of mode names (e.g. `[bitfit]`; `[]`: none), got "
+                          f"{listed!r}.")
+    for mode in listed:
         check_head(modes.build(mode, modes.MODES.options(mode, params)), main.head)
         FinetuneConfig.from_params(finetune.sub("train"))

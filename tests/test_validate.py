@@ -42,6 +42,8 @@ def test_the_repository_params_pass():
     (dict(sweep__heads=["cosine", "linera"]), "unknown head 'linera'"),
     (dict(sweep__losses=["ce", "bsn"]), "unknown loss 'bsn'"),
     (dict(sweep__train__epochs=0), "`sweep.train.epochs` must be"),
+    (dict(sweep__seeds=0), "`sweep.seeds` must be a non-empty list of ints, got 0."),
+    (dict(finetune__modes="bitfit"), "`finetune.modes` must be a list of mode names"),
     (dict(sweep__sampler="sqr"), "unknown sampler 'sqr'"),
     (dict(finetune__modes=["ful"]), "unknown fine-tuning mode 'ful'"),
     (dict(finetune__modes=["partial"], finetune__partial__blocks=0), "`finetune.partial.blocks` must be"),

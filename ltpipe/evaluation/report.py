@@ -82,7 +82,8 @@ def markdown(summary: Dict, keys: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _list(section: Params, key: str, kind: type) -> list:
+def sweep_list(section: Params, key: str, kind: type) -> list:
+    """`sweep.<key>`: a non-empty list of distinct ``kind`` values, else a ConfigError naming it."""
     values = section.raw(key)
     if not isinstance(values, list) or not values or not all(
             isinstance(v, kind) and not isinstance(v, bool) for v in values):
@@ -108,7 +109,8 @@ def load_cells(heads: Sequence[str], loss_names: Sequence[str], seeds: Sequence[
 def run_report(params: Params) -> Dict:
     """The `report` stage: ``metrics/summary.{json,md,csv}`` over the cells `sweep` lists."""
     section = params.sub("sweep")
-    cells = load_cells(_list(section, "heads", str), _list(section, "losses", str), _list(section, "seeds", int))
+    cells = load_cells(sweep_list(section, "heads", str), sweep_list(section, "losses", str),
+                       sweep_list(section, "seeds", int))
     done = [c for c in cells if "skipped" not in c]
     if not done:
         print("WARNING: every sweep cell was skipped: no loss in `sweep.losses` fits this dataset's task; "
