@@ -43,6 +43,16 @@ def run(repo: Path, *args: str, check: bool = True, extra_env: Optional[dict] = 
     return result
 
 
+def set_param(params: dict, dotted: str, value) -> dict:
+    """``params`` (a parsed params.yaml) with ``dotted`` (`train.lr`) set to ``value``, added if absent."""
+    *parents, leaf = dotted.split(".")
+    section = params
+    for parent in parents:
+        section = section[parent]
+    section[leaf] = value
+    return params
+
+
 def small_params(overrides=SMALL) -> dict:
     """The repository's params.yaml with the small-test overrides applied."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())

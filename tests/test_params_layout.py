@@ -25,18 +25,13 @@ from ltpipe.datasets.registry import DATASETS
 from ltpipe.finetune.modes import MODES
 from ltpipe.training.stage2 import STAGE2
 from tests.conftest import REPO
+from tests.dvc_repo import set_param
 
 PARAMS = load_yaml(REPO / "params.yaml")
 
 
 def edited(key: str, value) -> Params:
-    data = copy.deepcopy(PARAMS)
-    *parents, leaf = key.split(".")
-    section = data
-    for parent in parents:
-        section = section[parent]
-    section[leaf] = value
-    return Params(data)
+    return Params(set_param(copy.deepcopy(PARAMS), key, value))
 
 
 def test_the_repository_params_hold_the_declared_keys_and_defaults():

@@ -251,12 +251,7 @@ MISSPELT = [("train.epochz", "inputs", "`train` has no option 'epochz'"),
 @pytest.mark.parametrize("key,stage,message", MISSPELT, ids=[m[0] for m in MISSPELT])
 def test_a_misspelt_key_is_refused_by_dvc(repo, key, stage, message):
     params = (repo / "params.yaml").read_bytes()
-    data = yaml.safe_load(params)
-    *parents, leaf = key.split(".")
-    section = data
-    for parent in parents:
-        section = section[parent]
-    section[leaf] = {} if parents and parents[0] in ("datasets", "heads") else 3
+    data = dvc_repo.set_param(yaml.safe_load(params), key, {} if key.split(".")[0] in ("datasets", "heads") else 3)
     try:
         (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
         result = dvc_repo.run(repo, "dvc", "repro", check=False)
@@ -279,12 +274,7 @@ def test_a_bad_option_of_a_later_stage_is_refused_before_any_image_is_read(tmp_p
     """On a first `dvc repro`, `train` starts after extraction (hours on a benchmark): its options are
     checked by `inputs` (ltpipe/validate.py), with the message `train` would give."""
     repo = dvc_repo.make(tmp_path / "repo")
-    data = yaml.safe_load((repo / "params.yaml").read_text())
-    *parents, leaf = key.split(".")
-    section = data
-    for parent in parents:
-        section = section[parent]
-    section[leaf] = value
+    data = dvc_repo.set_param(yaml.safe_load((repo / "params.yaml").read_text()), key, value)
     (repo / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     result = dvc_repo.run(repo, "dvc", "repro", check=False)
     assert result.returncode != 0

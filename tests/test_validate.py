@@ -11,6 +11,7 @@ from ltpipe import validate
 from ltpipe.core.config import Params, load_yaml
 from ltpipe.core.errors import ConfigError
 from tests.conftest import REPO
+from tests.dvc_repo import set_param
 
 PARAMS = load_yaml(REPO / "params.yaml")
 
@@ -18,11 +19,7 @@ PARAMS = load_yaml(REPO / "params.yaml")
 def edited(**settings) -> Params:
     data = copy.deepcopy(PARAMS)
     for key, value in settings.items():
-        *parents, leaf = key.split("__")
-        section = data
-        for parent in parents:
-            section = section[parent]
-        section[leaf] = value
+        set_param(data, key.replace("__", "."), value)
     return Params(data)
 
 
